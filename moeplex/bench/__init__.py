@@ -1,0 +1,1 @@
+"""Benchmarks: commands that measure systems side by side in one run and print ratios."""

@@ -1,0 +1,1 @@
+"""Quality evaluation: perplexity per model and domain on held-out text."""

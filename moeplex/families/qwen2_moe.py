@@ -1,0 +1,31 @@
+"""Qwen2-MoE: qkv bias, optional top-k renormalization, a shared expert behind a sigmoid gate."""
+
+from moeplex.families.base import Family, common_spec_fields, sparse_layer_pattern
+from moeplex.families.llama_keys import llama_backbone_keys
+from moeplex.families.qwen_style import QWEN_STYLE_EXPERT_KEYS, num_experts
+from moeplex.model.spec import ModelSpec
+
+
+def spec_from_config(config: dict) -> ModelSpec:
+    return ModelSpec(
+        **common_spec_fields(config, "qwen2_moe"),
+        num_experts=num_experts(config),
+        top_k=config["num_experts_per_tok"],
+        expert_intermediate_size=config["moe_intermediate_size"],
+        attention_bias=config.get("qkv_bias", True),
+        normalize_top_k=bool(config.get("norm_topk_prob", False)),
+        sparse_layers=sparse_layer_pattern(config),
+        dense_intermediate_size=config["intermediate_size"],
+        shared_expert_intermediate_size=config.get("shared_expert_intermediate_size", 0),
+        shared_expert_gated=True,
+    )
+
+
+FAMILY = Family(
+    name="qwen2_moe",
+    model_types=("qwen2_moe",),
+    spec_from_config=spec_from_config,
+    backbone_keys=llama_backbone_keys(moe_prefixes=("mlp",)),
+    expert_keys=QWEN_STYLE_EXPERT_KEYS,
+    hf_architecture="Qwen2MoeForCausalLM",
+)

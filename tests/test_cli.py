@@ -1,0 +1,43 @@
+"""The command line: every subcommand explains itself, and bad input gives a clear error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moeplex.cli import main
+
+SUBCOMMANDS = [[], ["demo"], ["demo", "build"], ["generate"], ["eval"], ["eval", "ppl"], ["bench"], ["bench", "decode"]]
+
+
+@pytest.mark.parametrize("words", SUBCOMMANDS, ids=lambda w: " ".join(w) or "moeplex")
+def test_every_subcommand_has_help(words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*words, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: moeplex" in capsys.readouterr().out
+
+
+def test_console_script_runs():
+    result = subprocess.run([sys.executable, "-m", "moeplex.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "bench" in result.stdout
+
+
+def test_generate_with_a_checkpoint_folder(hf_checkpoint, capsys, tmp_path):
+    name, folder, hf_model = hf_checkpoint
+    from tests.test_sampling import char_tokenizer
+
+    char_tokenizer(hf_model.config.vocab_size).save_pretrained(folder)
+    prompt = "".join(chr(0x4E00 + int(i)) for i in torch.randint(0, hf_model.config.vocab_size, (5,)))
+    assert main(["generate", str(folder), "--prompt", prompt, "--max-tokens", "6", "--dtype", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert f"=== {folder.name}" in out and prompt in out
+
+
+def test_unknown_model_name_is_a_clear_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEPLEX_CACHE", str(tmp_path))
+    assert main(["eval", "ppl", "no-such-model"]) == 1
+    assert "no-such-model" in capsys.readouterr().err
