@@ -16,8 +16,7 @@ $(INSTALLED): pyproject.toml
 	touch $(INSTALLED)
 
 run: install
-	$(VENV)/bin/moeplex demo build
-	$(VENV)/bin/moeplex generate
+	$(VENV)/bin/moeplex demo serve
 
 test: install
 	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)

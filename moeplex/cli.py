@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_consolidate(commands)
     _add_store_tools(commands)
     _add_bench(commands)
+    _add_serve(commands)
     return parser
 
 
@@ -55,6 +56,15 @@ def _add_demo(commands) -> None:
     build.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     build.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
     build.set_defaults(handler=_demo_build)
+    serve = demo_commands.add_parser(
+        "serve",
+        help="build what is missing (family, consolidated store) and serve the demo family (what `make run` does)",
+        description="Build the tiny demo family and its consolidated store if missing, print a curl line and an "
+        "openai client snippet, then serve every variant over the OpenAI-compatible API.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.set_defaults(handler=_demo_serve)
 
 
 def _demo_build(args) -> int:
@@ -66,6 +76,14 @@ def _demo_build(args) -> int:
     for name, path in family.variants.items():
         print(f"  {name}: {path} (fine-tuned on {family.own_domain[name]})")
     return 0
+
+
+def _demo_serve(args) -> int:
+    from moeplex.main_job import demo_store, usage_snippets
+
+    store = demo_store()
+    print(usage_snippets(args.host, args.port, "python"), flush=True)
+    return main(["serve", str(store), "--host", args.host, "--port", str(args.port)])
 
 
 def _add_generate(commands) -> None:
@@ -236,6 +254,17 @@ def _add_bench(commands) -> None:
     decode.add_argument("--repeats", type=int, default=3, help="alternating timed runs per system (default: 3)")
     decode.add_argument("--threads", type=int, default=2, help="torch threads for both systems (default: 2)")
     decode.set_defaults(handler=_bench_decode)
+    from moeplex.bench.serve import add_bench_serve_options
+
+    serve = bench_commands.add_parser(
+        "serve",
+        help="throughput and time to first token: 4 variants vs 1 through the HTTP API",
+        description="Serve 4 variants with a uniform request mix and 1 variant with the same requests, in one run, "
+        "alternating: closed-loop throughput and open-loop Poisson time to first token; plus a run with one "
+        "resident backbone reporting switch cost.",
+    )
+    add_bench_serve_options(serve)
+    serve.set_defaults(handler=_bench_serve)
 
 
 def _bench_decode(args) -> int:
@@ -255,11 +284,33 @@ def _bench_decode(args) -> int:
     return 0
 
 
+def _bench_serve(args) -> int:
+    from moeplex.bench.serve import run_from_options
+
+    run_from_options(args)
+    return 0
+
+
 def _write_json(path: Path | None, data: dict) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=2) + "\n")
         print(f"wrote {path}")
+
+
+def _add_serve(commands) -> None:
+    from moeplex.server.options import add_serve_options
+
+    serve = commands.add_parser("serve", help="serve every variant of a store over an OpenAI-compatible HTTP API")
+    add_serve_options(serve)
+    serve.set_defaults(handler=_serve)
+
+
+def _serve(args) -> int:
+    from moeplex.server.options import serve_from_options
+
+    serve_from_options(args)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The main job until serving lands: load every model of a family and generate for one prompt each."""
+"""The main jobs on the demo family: serve its consolidated store (`make run`), or generate with each model."""
 
 from __future__ import annotations
 
@@ -60,3 +60,36 @@ def generate_for_each_model(args) -> None:
         print(f"=== {name} ({folder}) — {len(completion.token_ids)} tokens, {seconds:.1f}s incl. loading")
         print(prompt + completion.text)
         print()
+
+
+DEMO_STORE_BUDGET = "2x"
+
+
+def demo_store(budget: str = DEMO_STORE_BUDGET) -> Path:
+    """The tiny demo family consolidated (quality-aware, `budget`) into a store; built if missing."""
+    from moeplex.consolidate.command import run_consolidate
+    from moeplex.demo import build_demo_family
+
+    family = build_demo_family()
+    store = family.root / f"store-{budget}"
+    if not (store / "manifest.json").is_file():
+        print(f"consolidating the demo family into {store} (budget {budget} of one model)", flush=True)
+        run_consolidate(family.spec_file, budget, store)
+    return store
+
+
+def usage_snippets(host: str, port: int, variant: str) -> str:
+    """A curl line and an `openai` client snippet that work against the demo server."""
+    base = f"http://{host}:{port}/v1"
+    return f"""Try it (in another shell):
+
+  curl -s {base}/completions -H 'Content-Type: application/json' \\
+       -d '{{"model": "{variant}", "prompt": "def read_config(path):", "max_tokens": 32, "temperature": 0}}'
+
+  python - <<'PY'
+  from openai import OpenAI
+  client = OpenAI(base_url="{base}", api_key="unused")
+  reply = client.chat.completions.create(model="{variant}", messages=[{{"role": "user", "content": "import os"}}], max_tokens=32)
+  print(reply.choices[0].message.content)
+  PY
+"""

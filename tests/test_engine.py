@@ -15,7 +15,7 @@ from moeplex.engine.kv_budget import kv_bytes_per_token
 from moeplex.model.generate import generate
 from moeplex.model.sampling import SamplingParams
 from moeplex.store import StoreReader
-from tests.test_engine_store import build_serving_store
+from tests.test_engine_store import build_serving_store, one_torch_thread  # noqa: F401 (autouse fixture)
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0)
 
@@ -78,6 +78,14 @@ def test_mixed_variant_batch_matches_each_variant_alone(any_store):
     sparse_layers = sum(engine.spec.sparse_layers)
     assert len(calls) == sparse_layers * len(step_variants), "one expert-bank call per sparse layer for the whole step"
     assert engine.kv_budget.used_bytes == 0 and engine.num_unfinished == 0
+
+
+def test_identical_backbone_tensors_are_held_once(store):
+    engine = Engine(store, EngineConfig(dtype=torch.float32))
+    base, python = engine.backbones.resident["base"], engine.backbones.resident["python"]
+    assert base.lm_head is python.lm_head and base.layers[1].attention.qkv is python.layers[1].attention.qkv
+    assert base.layers[0].attention.qkv is not python.layers[0].attention.qkv  # the variant tuned layer 0's q
+    assert not torch.equal(base.layers[0].attention.qkv, python.layers[0].attention.qkv)
 
 
 def test_kv_pressure_preempts_recomputes_and_keeps_greedy_tokens(store):
@@ -143,7 +151,9 @@ def test_llm_generates_text_streams_and_cancels(store):
             return seen
 
         assert asyncio.run(stream_then_leave()) == [1, 2, 3]
-        wait_until(lambda: llm.loop.stats().kv_used_bytes == 0 and llm.loop.stats().running == 0)
+        wait_until(lambda: llm.loop.stats().aborted == 1)
+        stats = llm.loop.stats()
+        assert stats.running == stats.waiting == stats.kv_used_bytes == 0
         with pytest.raises(ValueError, match="unknown variant"):
             llm.generate("x", variant="nope")
     finally:

@@ -119,10 +119,18 @@ def build_lock(root: Path) -> Iterator[None]:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
+def remove_leftovers(root: Path) -> None:
+    """Removes staging and retired folders that a killed build of root left behind; call it holding the lock."""
+    for leftover in root.parent.glob(f".{root.name}.*-*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 @contextmanager
 def staging_dir(root: Path) -> Iterator[Path]:
     """A fresh temporary folder next to root; removed unless it was published (renamed away) meanwhile."""
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
+    staging.chmod(0o755)
     try:
         yield staging
     finally:
@@ -196,30 +204,36 @@ def build_tiny(folder: Path, recipe: TinyRecipe, seed: int) -> dict:
     seq_len = recipe.pretrain.seq_len
     config = train.mixtral_config(recipe.dims, tokenizer, recipe.pretrain.router_aux_loss_coef)
     base = train.new_model(config, seed)
-    train.train(base, list(train_streams.values()), recipe.pretrain, stage_seed(seed, "pretrain"), "pretrain base")
+    pretrain_loss = train.train(
+        base, list(train_streams.values()), recipe.pretrain, stage_seed(seed, "pretrain"), "pretrain base"
+    )
     save_checkpoint(base, tokenizer, folder / BASE_DIR)
     base_ppl = {
-        domain: train.perplexity(base, stream, seq_len, recipe.eval_tokens) for domain, stream in heldout_streams.items()
+        domain: train.perplexity(base, stream, seq_len, recipe.eval_tokens)
+        for domain, stream in heldout_streams.items()
     }
     quality = {}
     for name, domain in VARIANT_DOMAINS.items():
         variant_seed = stage_seed(seed, f"fine-tune/{name}")
-        variant = train.fine_tune(base, train_streams[domain], recipe.fine_tune, variant_seed, f"fine-tune {name}")
+        variant, fine_tune_loss = train.fine_tune(
+            base, train_streams[domain], recipe.fine_tune, variant_seed, f"fine-tune {name}"
+        )
         save_checkpoint(variant, tokenizer, folder / VARIANTS_DIR / name)
         variant_ppl = train.perplexity(variant, heldout_streams[domain], seq_len, recipe.eval_tokens)
         quality[name] = {
             "domain": domain,
+            "fine_tune_loss": round(fine_tune_loss, 4),
             "base_ppl": round(base_ppl[domain], 3),
             "variant_ppl": round(variant_ppl, 3),
             "ratio": round(variant_ppl / base_ppl[domain], 4),
         }
-    return {"heldout_perplexity": quality}
+    return {"pretrain_loss": round(pretrain_loss, 4), "heldout_perplexity": quality}
 
 
 def build_bench(folder: Path, recipe: BenchRecipe, seed: int) -> dict:
     """Writes the bench family into folder; returns the parameter count and each variant's expert changes."""
     tokenizer = train_family_tokenizer(recipe)
-    config = train.mixtral_config(recipe.dims, tokenizer, router_aux_loss_coef=0.02)
+    config = train.mixtral_config(recipe.dims, tokenizer)
     config.initializer_range = recipe.init_std
     parameters = perturb.parameter_count(config)
     if parameters < recipe.min_parameters:
@@ -260,7 +274,8 @@ def build_into(folder: Path, size: str, seed: int, record: dict) -> dict:
 
 def summary_line(family: DemoFamily, report: dict) -> str:
     """One line about a fresh build: where, how long, and its quality or size."""
-    line = f"demo-{family.size}: base + {len(family.variants)} variants in {family.root} ({report['build_seconds']:.0f} s)"
+    seconds = report["build_seconds"]
+    line = f"demo-{family.size}: base + {len(family.variants)} variants in {family.root} ({seconds:.0f} s)"
     if "heldout_perplexity" in report:
         ratios = ", ".join(f"{n} {q['ratio']:.2f}" for n, q in report["heldout_perplexity"].items())
         return f"{line}; own-domain heldout ppl variant/base: {ratios}"
@@ -274,6 +289,7 @@ def build_demo_family(size: str = "tiny", seed: int = 0, force: bool = False) ->
     with build_lock(root):
         if not force and is_complete(root, recipe_hash(record)):
             return family_from_root(root)
+        remove_leftovers(root)
         with staging_dir(root) as staging:
             report = build_into(staging, size, seed, record)
             publish(staging, root)

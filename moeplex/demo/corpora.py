@@ -106,6 +106,7 @@ def normalized(text: str) -> str:
 
 
 def python_documents() -> Iterator[tuple[str, str]]:
+    """Standard library modules, identified by their path inside the stdlib folder."""
     for identity, path in python_stdlib_files():
         text = read_text(path)
         if text is not None:
@@ -113,6 +114,7 @@ def python_documents() -> Iterator[tuple[str, str]]:
 
 
 def cpp_documents() -> Iterator[tuple[str, str]]:
+    """torch's C++ headers, identified by their path inside torch/include."""
     for identity, path in torch_header_files():
         text = read_text(path)
         if text is not None:
@@ -120,6 +122,7 @@ def cpp_documents() -> Iterator[tuple[str, str]]:
 
 
 def prose_documents() -> Iterator[tuple[str, str]]:
+    """Python's documentation topics, identified by topic key."""
     from pydoc_data.topics import topics
 
     for key in sorted(topics):

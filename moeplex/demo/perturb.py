@@ -38,7 +38,7 @@ def save_random_model(config: MixtralConfig, dtype: torch.dtype, seed: int, fold
 def assign_expert_changes(
     num_layers: int, num_experts: int, changes: Sequence[ExpertChange], seed: int
 ) -> dict[str, list[ExpertPosition]]:
-    """Splits all (layer, expert) positions, shuffled by seed, into the changes by their fractions; the last takes the rest."""
+    """All (layer, expert) positions, shuffled by seed, split among the changes by fraction; the last takes the rest."""
     positions = [(layer, expert) for layer in range(num_layers) for expert in range(num_experts)]
     order = torch.randperm(len(positions), generator=torch.Generator().manual_seed(seed)).tolist()
     shuffled = [positions[i] for i in order]
@@ -52,7 +52,7 @@ def assign_expert_changes(
 
 
 def with_relative_noise(tensor: torch.Tensor, relative_noise: float, seed: int) -> torch.Tensor:
-    """tensor + N(0, (relative_noise * rms(tensor))^2), computed in fp32 and cast back; unchanged when the noise is 0."""
+    """tensor + N(0, (relative_noise * rms(tensor))^2), computed in fp32, cast back; the same tensor when noise is 0."""
     if relative_noise == 0.0:
         return tensor
     values = tensor.float()

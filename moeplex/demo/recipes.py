@@ -69,9 +69,9 @@ TINY_RECIPE = TinyRecipe(
         max_position_embeddings=2048,
     ),
     train_chars_per_domain=1_500_000,
-    pretrain=TrainingSchedule(steps=500, batch_size=8, seq_len=128, lr=5e-3, warmup_steps=25),
-    fine_tune=TrainingSchedule(steps=60, batch_size=8, seq_len=128, lr=1e-3, warmup_steps=6),
-    eval_tokens=8192,
+    pretrain=TrainingSchedule(steps=400, batch_size=4, seq_len=256, lr=5e-3, warmup_steps=20),
+    fine_tune=TrainingSchedule(steps=100, batch_size=4, seq_len=256, lr=1e-3, warmup_steps=10),
+    eval_tokens=16384,
 )
 
 BENCH_RECIPE = BenchRecipe(

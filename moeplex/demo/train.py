@@ -5,12 +5,15 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerBase
+
+
+ROUTER_AUX_LOSS_COEF = 0.02
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class TrainingSchedule:
     weight_decay: float = 0.1
     beta2: float = 0.95
     grad_clip: float = 1.0
-    router_aux_loss_coef: float = 0.02
+    router_aux_loss_coef: float = ROUTER_AUX_LOSS_COEF
 
 
 def use_all_cores() -> int:
@@ -50,7 +53,9 @@ def use_all_cores() -> int:
     return cores
 
 
-def mixtral_config(dims: ModelDims, tokenizer: PreTrainedTokenizerBase, router_aux_loss_coef: float) -> MixtralConfig:
+def mixtral_config(
+    dims: ModelDims, tokenizer: PreTrainedTokenizerBase, router_aux_loss_coef: float = ROUTER_AUX_LOSS_COEF
+) -> MixtralConfig:
     """A MixtralConfig with the given shape and the tokenizer's vocabulary and special token ids."""
     return MixtralConfig(
         vocab_size=len(tokenizer),
@@ -87,7 +92,9 @@ def token_stream(tokenizer: PreTrainedTokenizerBase, documents: Sequence[str]) -
     return torch.tensor(ids, dtype=torch.long)
 
 
-def sample_batch(streams: Sequence[torch.Tensor], batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+def sample_batch(
+    streams: Sequence[torch.Tensor], batch_size: int, seq_len: int, generator: torch.Generator
+) -> torch.Tensor:
     """[batch_size, seq_len] random windows; row i comes from stream i % len(streams), so the mix is balanced."""
     rows = []
     for row in range(batch_size):
@@ -97,7 +104,7 @@ def sample_batch(streams: Sequence[torch.Tensor], batch_size: int, seq_len: int,
     return torch.stack(rows)
 
 
-def warmup_cosine(schedule: TrainingSchedule):
+def warmup_cosine(schedule: TrainingSchedule) -> Callable[[int], float]:
     """The learning-rate multiplier per step: linear warmup, then cosine decay to min_lr_ratio."""
 
     def multiplier(step: int) -> float:
@@ -123,7 +130,11 @@ def train(
             raise ValueError(f"{description}: a training stream has {len(stream)} tokens, fewer than one window")
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=schedule.lr, betas=(0.9, schedule.beta2), weight_decay=schedule.weight_decay
+        model.parameters(),
+        lr=schedule.lr,
+        betas=(0.9, schedule.beta2),
+        weight_decay=schedule.weight_decay,
+        fused=True,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(schedule))
     model.config.router_aux_loss_coef = schedule.router_aux_loss_coef
@@ -148,27 +159,36 @@ def train(
 
 def fine_tune(
     base: MixtralForCausalLM, stream: torch.Tensor, schedule: TrainingSchedule, seed: int, description: str
-) -> MixtralForCausalLM:
-    """A copy of base with all weights fine-tuned on one domain's stream."""
+) -> tuple[MixtralForCausalLM, float]:
+    """A copy of base with all weights fine-tuned on one domain's stream, and its final training loss."""
     variant = copy.deepcopy(base)
-    train(variant, [stream], schedule, seed, description)
-    return variant
+    loss = train(variant, [stream], schedule, seed, description)
+    return variant, loss
+
+
+def spread_windows(stream: torch.Tensor, seq_len: int, max_tokens: int) -> torch.Tensor:
+    """[W, seq_len] non-overlapping windows of stream, at most max_tokens in all, spread evenly over all of it."""
+    available = len(stream) // seq_len
+    if available == 0:
+        raise ValueError(f"need at least {seq_len} tokens to measure perplexity, got {len(stream)}")
+    windows = stream[: available * seq_len].view(available, seq_len)
+    wanted = max(1, min(available, max_tokens // seq_len))
+    return windows[torch.linspace(0, available - 1, wanted).round().long()]
 
 
 @torch.inference_mode()
-def perplexity(model: MixtralForCausalLM, stream: torch.Tensor, seq_len: int, max_tokens: int, batch_size: int = 8) -> float:
-    """exp(mean next-token loss) over consecutive, non-overlapping seq_len windows of the first max_tokens of stream."""
-    windows = min(len(stream), max_tokens) // seq_len
-    if windows == 0:
-        raise ValueError(f"need at least {seq_len} tokens to measure perplexity, got {len(stream)}")
-    chunks = stream[: windows * seq_len].view(windows, seq_len)
+def perplexity(
+    model: MixtralForCausalLM, stream: torch.Tensor, seq_len: int, max_tokens: int, batch_size: int = 16
+) -> float:
+    """exp(mean next-token loss) over non-overlapping seq_len windows spread over stream, max_tokens in all."""
+    windows = spread_windows(stream, seq_len, max_tokens)
     model.eval()
     total_loss = 0.0
-    for start in range(0, windows, batch_size):
-        batch = chunks[start : start + batch_size]
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size]
         logits = model(input_ids=batch).logits[:, :-1].float()
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
         )
         total_loss += loss.item()
-    return math.exp(total_loss / (windows * (seq_len - 1)))
+    return math.exp(total_loss / (len(windows) * (seq_len - 1)))

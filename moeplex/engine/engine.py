@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from moeplex.consolidate.family_spec import FREE_SPEC_FIELDS
 from moeplex.engine.backbones import BackboneResidency, SwitchStats
 from moeplex.engine.config import EngineConfig
 from moeplex.engine.kv_budget import KVCacheBudget, kv_bytes_per_token
@@ -17,6 +19,7 @@ from moeplex.engine.outputs import RequestOutput
 from moeplex.engine.policies import policy_by_name
 from moeplex.engine.scheduler import ScheduledChunk, Scheduler
 from moeplex.engine.sequence import Sequence, TokenLogprob
+from moeplex.engine.shared_weights import IdenticalTensorPool
 from moeplex.model.attention import SequenceChunk
 from moeplex.model.kv_cache import SequenceKVCache
 from moeplex.model.sampling import SamplingParams, sample_token
@@ -51,15 +54,17 @@ def load_store_tokenizer(store: Path):
 class Engine:
     """Serves every variant of a store from one process; not thread-safe (EngineLoop drives it from one thread)."""
 
-    def __init__(self, store: str | Path, config: EngineConfig = EngineConfig()):
-        self.config = config
+    def __init__(self, store: str | Path, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
         reader = StoreReader(store)
         self.variants = reader.variants
-        self.spec = reader.spec(self.variants[0])
-        for variant in self.variants[1:]:
-            if reader.spec(variant) != self.spec:
+        specs = {variant: reader.spec(variant) for variant in self.variants}
+        self.spec = specs[self.variants[0]]
+        for variant, spec in specs.items():
+            if dataclasses.replace(spec, **{name: getattr(self.spec, name) for name in FREE_SPEC_FIELDS}) != self.spec:
                 raise ValueError(f"variant '{variant}' has a different architecture from '{self.variants[0]}'")
-        self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
+        self.max_model_len = config.max_model_len or min(spec.max_position_embeddings for spec in specs.values())
+        self.eos_ids = {variant: set(spec.eos_token_ids) for variant, spec in specs.items()}
         self.tokenizer = load_store_tokenizer(reader.path)
         tables = {variant: reader.expert_table(variant) for variant in self.variants}
         used = [expert_id for table in tables.values() for row in table if row for expert_id in row]
@@ -82,14 +87,15 @@ class Engine:
             config.max_num_batched_tokens,
             max_variants_per_step=self.backbones.capacity,
         )
-        self.eos_ids = set(self.spec.eos_token_ids)
         self._sequences: dict[int, Sequence] = {}
         self._ids = itertools.count()
         self.num_aborted = 0
 
     def _make_residency(self, reader: StoreReader) -> BackboneResidency:
+        identical = IdenticalTensorPool()
+
         def load(variant: str):
-            return reader.load_backbone(variant, self.config.dtype, self.config.device)
+            return identical.share(reader.load_backbone(variant, self.config.dtype, self.config.device))
 
         budget = self.config.backbone_budget_bytes
         if budget is None:
@@ -163,7 +169,7 @@ class Engine:
             preemptions=self.scheduler.num_preemptions,
             aborted=self.num_aborted,
             resident_backbones=tuple(self.backbones.resident),
-            switches=self.backbones.stats,
+            switches=dataclasses.replace(self.backbones.stats),
             expert_bytes={"device": self.runner.bank.nbytes},
         )
 
@@ -196,7 +202,7 @@ class Engine:
         if seq.times.first_token is None:
             seq.times.first_token = time.perf_counter()
         generated = len(seq.completion.token_ids)
-        append_token(seq.completion, seq.params, token, self.eos_ids, self.tokenizer)
+        append_token(seq.completion, seq.params, token, self.eos_ids[seq.variant], self.tokenizer)
         if seq.logprobs is not None and len(seq.completion.token_ids) > generated:
             seq.token_logprobs.append(token_logprob(logits, token, seq.logprobs))
         if seq.completion.finish_reason is not None:

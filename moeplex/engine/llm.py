@@ -19,8 +19,7 @@ Prompt = str | list[int]
 class LLM:
     """Every variant of a store served from one engine running in a background thread.
 
-    >>> llm = LLM("store", max_num_seqs=8)
-    >>> llm.generate(["def main():"], variant="python", sampling=SamplingParams(max_tokens=16))[0].text
+    For example `LLM("store", max_num_seqs=8).generate(["def main():"], variant="python")[0].text`.
     """
 
     def __init__(self, store: str | Path, config: EngineConfig | None = None, **config_overrides):
@@ -48,6 +47,8 @@ class LLM:
         """Complete every prompt with the variant (default: the store's first) and wait for all of them."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        if not prompts:
+            return []
         variant = variant or self.variants[0]
         sampling = sampling or SamplingParams()
         results: dict[int, RequestOutput] = {}

@@ -83,6 +83,10 @@ class EngineLoop:
     def abort(self, seq_id: int) -> None:
         self._commands.put(_Abort(seq_id))
 
+    @property
+    def stopped(self) -> bool:
+        return not self._thread.is_alive()
+
     def stats(self) -> EngineStats:
         """Counters as of the last step (read without stopping the loop)."""
         return self._stats
@@ -137,9 +141,9 @@ class EngineLoop:
             logger.exception("engine step failed; aborting every unfinished sequence")
             self._abort_all()
             return
+        self._stats = self.engine.stats()
         for output in outputs:
             self._deliver(output)
-        self._stats = self.engine.stats()
 
     def _deliver(self, output: RequestOutput | None) -> None:
         if output is None:

@@ -1,7 +1,8 @@
-"""One forward pass over a batch that mixes variants: per-variant backbone layers, experts grouped by store id."""
+"""One forward pass over a batch that mixes variants: backbone work grouped by weights, experts by store id."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +27,34 @@ class VariantGroup:
     chunks: list[SequenceChunk]
 
 
+def run_by_weights(keys: list[tuple], fn: Callable[..., tuple[torch.Tensor, ...]], *inputs: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+    """Call fn(members, *inputs joined) once per class of groups with equal keys; its outputs are split per group.
+
+    A key names the weight tensors an operation uses (by identity), so groups of variants that share
+    those tensors run as one batch.
+    """
+    classes: dict[tuple, list[int]] = {}
+    for index, key in enumerate(keys):
+        classes.setdefault(key, []).append(index)
+    outputs: list[tuple[torch.Tensor, ...]] = [()] * len(keys)
+    for members in classes.values():
+        joined = [group_inputs[members[0]] if len(members) == 1 else torch.cat([group_inputs[m] for m in members]) for group_inputs in inputs]
+        results = fn(members, *joined)
+        sizes = [inputs[0][m].shape[0] for m in members]
+        for m, parts in zip(members, zip(*(torch.split(r, sizes) for r in results))):
+            outputs[m] = parts
+    return outputs
+
+
+def identities(*tensors: torch.Tensor | None) -> tuple:
+    return tuple(id(t) for t in tensors)
+
+
 class MixedVariantRunner:
     """Runs the decoder over groups of several variants in one step.
 
-    Embeddings, attention, norms, routers, shared experts and lm_head use each group's own backbone.
+    Embeddings, attention, norms, routers, shared experts and lm_head use each group's own backbone;
+    groups whose tensors for an operation are the same (see IdenticalTensorPool) run it together.
     Routed experts run once per layer for all tokens of the step: each variant's router choice
     (layer, e) becomes a row of the shared expert bank, so tokens of different variants routed to the
     same stored expert are one matmul.
@@ -43,38 +68,52 @@ class MixedVariantRunner:
     @torch.inference_mode()
     def forward(self, groups: list[VariantGroup]) -> list[torch.Tensor]:
         """Float32 logits [len(group.chunks), V] of each chunk's last token, per group."""
-        spec = self.spec
-        rotary = []
+        spec, eps = self.spec, self.spec.rms_norm_eps
         for group in groups:
             for chunk in group.chunks:
                 chunk.cache.reserve(chunk.start + chunk.num_tokens)
-            rotary.append(self.rope.cos_sin(chunk_positions(group.chunks).to(self.device), self.dtype))
-        hidden = [F.embedding(g.token_ids.to(self.device), g.backbone.embed) for g in groups]  # [n_g, H] each
+        rotary = [self.rope.cos_sin(chunk_positions(g.chunks).to(self.device), self.dtype) for g in groups]
+        cos, sin = [c for c, _ in rotary], [s for _, s in rotary]
+        tokens = [g.token_ids.to(self.device) for g in groups]
+        embed_keys = [identities(g.backbone.embed) for g in groups]
+        hidden = [h for (h,) in run_by_weights(embed_keys, lambda m, t: (F.embedding(t, groups[m[0]].backbone.embed),), tokens)]
         for layer in range(spec.num_layers):
-            for i, (group, (cos, sin)) in enumerate(zip(groups, rotary)):
-                weights = group.backbone.layers[layer]
-                x = rms_norm(hidden[i], weights.attn_norm, spec.rms_norm_eps)
-                hidden[i] = hidden[i] + attention(spec, layer, x, weights.attention, cos, sin, group.chunks)
-            normed = [rms_norm(h, g.backbone.layers[layer].mlp_norm, spec.rms_norm_eps) for g, h in zip(groups, hidden)]
-            for i, out in enumerate(self._feed_forward(layer, groups, normed)):
-                hidden[i] = hidden[i] + out
-        logits = []
-        for group, h in zip(groups, hidden):
+            weights = [g.backbone.layers[layer] for g in groups]
+            hidden = self._attention(layer, groups, weights, hidden, cos, sin)
+            hidden = [h + out for h, out in zip(hidden, self._feed_forward(layer, groups, weights, hidden))]
+        for group in groups:
             for chunk in group.chunks:
                 chunk.cache.length = chunk.start + chunk.num_tokens
-            last = rms_norm(h[last_token_rows(group.chunks).to(self.device)], group.backbone.final_norm, spec.rms_norm_eps)
-            logits.append(linear(last, group.backbone.lm_head).float())
-        return logits
+        last = [h[last_token_rows(g.chunks).to(self.device)] for g, h in zip(groups, hidden)]
 
-    def _feed_forward(self, layer: int, groups: list[VariantGroup], normed: list[torch.Tensor]) -> list[torch.Tensor]:
-        layer_weights = [g.backbone.layers[layer] for g in groups]
-        if layer_weights[0].router is None:
-            return [swiglu_mlp(x, w.dense_mlp.gate_up, w.dense_mlp.down) for w, x in zip(layer_weights, normed)]
-        rows, routing = [], []
-        for group, weights, x in zip(groups, layer_weights, normed):
-            expert_ids, routing_weights = route(self.spec, x, weights.router)  # [n_g, k] each
-            rows.append(self.bank_rows[group.variant][layer][expert_ids])
-            routing.append(routing_weights)
-        routed = self.bank.compute(BANK_LAYER, torch.cat(normed), torch.cat(rows), torch.cat(routing))  # [T, H]
-        outputs = torch.split(routed, [x.shape[0] for x in normed])
-        return [add_shared_expert(out, w, x) for out, w, x in zip(outputs, layer_weights, normed)]
+        def head(members, h):
+            backbone = groups[members[0]].backbone
+            return (linear(rms_norm(h, backbone.final_norm, eps), backbone.lm_head).float(),)
+
+        return [logits for (logits,) in run_by_weights([identities(g.backbone.final_norm, g.backbone.lm_head) for g in groups], head, last)]
+
+    def _attention(self, layer: int, groups: list[VariantGroup], weights, hidden, cos, sin) -> list[torch.Tensor]:
+        """Residual stream after the layer's attention, one call per class of groups sharing attention weights."""
+
+        def attend(members, h, c, s):
+            w = weights[members[0]]
+            chunks = [chunk for m in members for chunk in groups[m].chunks]
+            return (h + attention(self.spec, layer, rms_norm(h, w.attn_norm, self.spec.rms_norm_eps), w.attention, c, s, chunks),)
+
+        keys = [identities(w.attn_norm, *vars(w.attention).values()) for w in weights]
+        return [h for (h,) in run_by_weights(keys, attend, hidden, cos, sin)]
+
+    def _feed_forward(self, layer: int, groups: list[VariantGroup], weights, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        eps = self.spec.rms_norm_eps
+        normed = [x for (x,) in run_by_weights([identities(w.mlp_norm) for w in weights], lambda m, h: (rms_norm(h, weights[m[0]].mlp_norm, eps),), hidden)]
+        if weights[0].router is None:
+            keys = [identities(w.dense_mlp.gate_up, w.dense_mlp.down) for w in weights]
+            return [y for (y,) in run_by_weights(keys, lambda m, x: (swiglu_mlp(x, weights[m[0]].dense_mlp.gate_up, weights[m[0]].dense_mlp.down),), normed)]
+        routing = run_by_weights([identities(w.router) for w in weights], lambda m, x: route(self.spec, x, weights[m[0]].router), normed)
+        bank_rows = [self.bank_rows[g.variant][layer][expert_ids] for g, (expert_ids, _) in zip(groups, routing)]  # [n_g, k]
+        routed = self.bank.compute(BANK_LAYER, torch.cat(normed), torch.cat(bank_rows), torch.cat([w for _, w in routing]))  # [T, H]
+        routed = list(torch.split(routed, [x.shape[0] for x in normed]))
+        if weights[0].shared_expert is None:
+            return routed
+        keys = [identities(w.shared_expert.gate_up, w.shared_expert.down, w.shared_expert_gate) for w in weights]
+        return [y for (y,) in run_by_weights(keys, lambda m, out, x: (add_shared_expert(out, weights[m[0]], x),), routed, normed)]

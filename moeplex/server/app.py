@@ -75,10 +75,8 @@ def create_app(llm: LLM, settings: ServerSettings | None = None, close_llm_on_sh
 
     guarded = [Depends(authorized), Depends(accepting)]
 
-    @app.get("/health")
+    @app.get("/health", dependencies=[Depends(accepting)])
     async def health():
-        if state.draining:
-            raise APIError(503, "the server is shutting down", code="shutting_down")
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -165,7 +163,9 @@ async def start_job(state: ServerState, body: SamplingFields, variant: str, prom
     for prompt in prompts:
         for choice in range(body.n):
             seed = None if body.seed is None else body.seed + choice
-            params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=seed, stop=body.stop_strings())
+            params = SamplingParams(
+                max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=seed, stop=body.stop_strings(), ignore_eos=body.ignore_eos
+            )
             choice_prompts.append(prompt)
             choice_params.append(params)
     job = GenerationJob(state.llm, state.metrics, variant, choice_prompts, choice_params, logprobs)

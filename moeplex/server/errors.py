@@ -22,6 +22,9 @@ ERROR_TYPES = {
 }
 
 
+UNION_BRANCH_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict"})  # pydantic names union branches by type
+
+
 class APIError(Exception):
     """An error reply: HTTP status, message, the offending parameter (if any), a machine-readable code."""
 
@@ -36,7 +39,7 @@ class APIError(Exception):
 
 def _parameter_name(location: tuple) -> str | None:
     """'messages.0.content' from pydantic's ('body', 'messages', 0, 'content', ...), union branches dropped."""
-    parts = [str(p) for p in location[1:] if not (isinstance(p, str) and ("[" in p or p in ("str", "list", "int", "function-after")))]
+    parts = [str(p) for p in location[1:] if isinstance(p, int) or (p.isidentifier() and p not in UNION_BRANCH_TAGS)]
     return ".".join(parts) or None
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from moeplex.engine import EngineStoppedError, LLM, QueueFullError, RequestOutput
+from moeplex.engine import LLM, EngineStoppedError, QueueFullError, RequestOutput
 from moeplex.model.sampling import SamplingParams
 from moeplex.server.errors import APIError
 from moeplex.server.metrics import ServerMetrics

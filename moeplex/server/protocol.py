@@ -32,6 +32,7 @@ class SamplingFields(BaseModel):
     stop: StopStrings | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # extension (as in vLLM): generate max_tokens even past end-of-sequence
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])

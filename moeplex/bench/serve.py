@@ -1,0 +1,255 @@
+"""`moeplex bench serve`: multi-variant vs single-variant serving through the HTTP API, and backbone switch cost.
+
+One engine serves 4 variants with a uniform request mix and, alternating with it, one variant with the
+same requests. Throughput is completed output tokens per second in a closed loop at a fixed concurrency;
+time to first token is measured in an open loop at a Poisson rate below saturation. A second engine whose
+backbone budget holds one backbone reports switch count, switch time and how much background loading hid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import torch
+
+from moeplex.bench.measure import median
+from moeplex.engine import LLM, EngineConfig
+from moeplex.server import BackgroundServer, create_app
+from moeplex.store import StoreReader
+
+
+@dataclass(frozen=True)
+class ServeBenchSettings:
+    num_variants: int = 4
+    concurrency: int = 8
+    closed_loop_requests: int = 48
+    open_loop_requests: int = 32
+    load_fraction: float = 0.5  # Poisson rate as a fraction of the single-variant saturated request rate
+    prompt_tokens: int = 32
+    output_tokens: int = 32
+    repeats: int = 3
+    threads: int = 2
+    dtype: str = "bf16"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    variant: str
+    prompt: list[int]
+
+
+def make_requests(variants: list[str], count: int, settings: ServeBenchSettings, vocab_size: int) -> list[BenchRequest]:
+    """count requests cycling through variants (uniform mix), with the same prompts whatever the variants."""
+    rng = random.Random(settings.seed)
+    prompts = [[rng.randrange(vocab_size) for _ in range(settings.prompt_tokens)] for _ in range(count)]
+    return [BenchRequest(variants[i % len(variants)], prompt) for i, prompt in enumerate(prompts)]
+
+
+def completion_body(request: BenchRequest, settings: ServeBenchSettings, stream: bool) -> dict:
+    return {
+        "model": request.variant, "prompt": request.prompt, "max_tokens": settings.output_tokens,
+        "temperature": 0, "ignore_eos": True, "stream": stream,
+    }
+
+
+async def closed_loop(url: str, requests: list[BenchRequest], settings: ServeBenchSettings) -> dict:
+    """Keep `concurrency` requests in flight until all are done; output tokens per second."""
+    pending = list(requests)
+    tokens = 0
+
+    async def worker(http: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        while pending:
+            request = pending.pop()
+            response = await http.post("/v1/completions", json=completion_body(request, settings, stream=False))
+            response.raise_for_status()
+            tokens += response.json()["usage"]["completion_tokens"]
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=settings.concurrency)) as http:
+        await asyncio.gather(*(worker(http) for _ in range(settings.concurrency)))
+    seconds = time.perf_counter() - started
+    return {"output_tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds, "requests_per_second": len(requests) / seconds}
+
+
+async def open_loop(url: str, requests: list[BenchRequest], rate: float, settings: ServeBenchSettings) -> dict:
+    """Streaming requests arriving as a Poisson process at `rate` per second; time to first token of each."""
+    rng = random.Random(settings.seed + 1)
+    ttfts: list[float] = []
+
+    async def one(http: httpx.AsyncClient, request: BenchRequest) -> None:
+        sent = time.perf_counter()
+        async with http.stream("POST", "/v1/completions", json=completion_body(request, settings, stream=True)) as response:
+            response.raise_for_status()
+            first_token_at = None
+            async for line in response.aiter_lines():
+                if first_token_at is None and line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                    first_token_at = time.perf_counter()
+        ttfts.append(first_token_at - sent)
+
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=len(requests))) as http:
+        tasks = []
+        for request in requests:
+            tasks.append(asyncio.create_task(one(http, request)))
+            await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.gather(*tasks)
+    ordered = sorted(ttfts)
+    return {"ttft_p50": statistics.median(ordered), "ttft_p90": ordered[int(0.9 * (len(ordered) - 1))], "rate": rate}
+
+
+def engine_config(settings: ServeBenchSettings, backbone_budget_bytes: int | None = None) -> EngineConfig:
+    return EngineConfig(
+        dtype=torch.bfloat16 if settings.dtype == "bf16" else torch.float32,
+        max_num_seqs=settings.concurrency,
+        max_num_batched_tokens=max(256, settings.concurrency * settings.prompt_tokens),
+        max_model_len=settings.prompt_tokens + settings.output_tokens,
+        backbone_budget_bytes=backbone_budget_bytes,
+        max_pending_requests=max(256, settings.open_loop_requests),
+    )
+
+
+def run_serve_benchmark(store: Path, settings: ServeBenchSettings) -> dict:
+    torch.set_num_threads(settings.threads)
+    llm = LLM(store, engine_config(settings))
+    variants = llm.variants[: settings.num_variants]
+    if len(variants) < settings.num_variants:
+        raise ValueError(f"the store has {len(llm.variants)} variants; the benchmark needs {settings.num_variants}")
+    vocab = llm.engine.spec.vocab_size
+    closed = make_requests(variants, settings.closed_loop_requests, settings, vocab)
+    opened = make_requests(variants, settings.open_loop_requests, settings, vocab)
+    systems = {"multi": variants, "single": variants[:1]}
+
+    def retarget(requests: list[BenchRequest], names: list[str]) -> list[BenchRequest]:
+        return [BenchRequest(names[i % len(names)], r.prompt) for i, r in enumerate(requests)]
+
+    throughput: dict[str, list[dict]] = {name: [] for name in systems}
+    ttft: dict[str, list[dict]] = {name: [] for name in systems}
+    with BackgroundServer(create_app(llm)) as url:
+        for names in systems.values():  # warm-up
+            asyncio.run(closed_loop(url, retarget(closed[: settings.concurrency], names), settings))
+        for _ in range(settings.repeats):
+            for name, names in systems.items():
+                throughput[name].append(asyncio.run(closed_loop(url, retarget(closed, names), settings)))
+        rate = settings.load_fraction * median([r["requests_per_second"] for r in throughput["single"]])
+        for _ in range(settings.repeats):
+            for name, names in systems.items():
+                ttft[name].append(asyncio.run(open_loop(url, retarget(opened, names), rate, settings)))
+    summary = {
+        name: {
+            "tokens_per_second": median([r["tokens_per_second"] for r in throughput[name]]),
+            "ttft_p50_seconds": median([r["ttft_p50"] for r in ttft[name]]),
+            "ttft_p90_seconds": median([r["ttft_p90"] for r in ttft[name]]),
+            "runs": {"closed_loop": throughput[name], "open_loop": ttft[name]},
+        }
+        for name in systems
+    }
+    one_backbone = run_one_backbone(store, settings, variants, closed)
+    return {
+        "throughput_ratio_multi_vs_single": summary["multi"]["tokens_per_second"] / summary["single"]["tokens_per_second"],
+        "ttft_p50_ratio_multi_vs_single": summary["multi"]["ttft_p50_seconds"] / summary["single"]["ttft_p50_seconds"],
+        "open_loop_rate_per_second": rate,
+        "multi": summary["multi"],
+        "single": summary["single"],
+        "one_backbone": one_backbone,
+        "settings": asdict(settings),
+        "store": str(store),
+    }
+
+
+def run_one_backbone(store: Path, settings: ServeBenchSettings, variants: list[str], requests: list[BenchRequest]) -> dict:
+    """The multi-variant closed loop on an engine whose backbone budget holds one backbone."""
+    config = engine_config(settings)
+    one = StoreReader(store).load_backbone(variants[0], config.dtype).nbytes
+    llm = LLM(store, engine_config(settings, backbone_budget_bytes=one))
+    with BackgroundServer(create_app(llm)) as url:
+        result = asyncio.run(closed_loop(url, requests, settings))
+    switches = llm.loop.stats().switches
+    return {
+        "tokens_per_second": result["tokens_per_second"],
+        "switches": switches.switches,
+        "switch_wait_seconds": switches.switch_seconds,
+        "load_seconds": switches.load_seconds,
+        "prefetch_hits": switches.prefetch_hits,
+        "hidden_fraction": switches.hidden_fraction,
+        "mean_switch_wait_ms": 1000 * switches.switch_seconds / max(1, switches.switches),
+    }
+
+
+def format_table(result: dict) -> str:
+    multi, single, one = result["multi"], result["single"], result["one_backbone"]
+    return "\n".join(
+        [
+            f"{'system':<22}{'tokens/s':>10}{'TTFT p50 ms':>13}{'TTFT p90 ms':>13}",
+            f"{'4 variants':<22}{multi['tokens_per_second']:>10.1f}{1000 * multi['ttft_p50_seconds']:>13.1f}{1000 * multi['ttft_p90_seconds']:>13.1f}",
+            f"{'1 variant':<22}{single['tokens_per_second']:>10.1f}{1000 * single['ttft_p50_seconds']:>13.1f}{1000 * single['ttft_p90_seconds']:>13.1f}",
+            f"throughput ratio multi/single: {result['throughput_ratio_multi_vs_single']:.3f}; "
+            f"TTFT p50 ratio: {result['ttft_p50_ratio_multi_vs_single']:.3f} (open loop at {result['open_loop_rate_per_second']:.2f} req/s)",
+            f"one resident backbone: {one['tokens_per_second']:.1f} tokens/s, {one['switches']} switches, "
+            f"{one['mean_switch_wait_ms']:.1f} ms waited per switch, {100 * one['hidden_fraction']:.0f}% of loading hidden "
+            f"({one['prefetch_hits']} prefetch hits)",
+        ]
+    )
+
+
+def default_store() -> Path:
+    """An identity store of the tiny demo family (every checkpoint's experts, identical ones once), built if missing."""
+    from moeplex.consolidate.family_spec import load_family_spec
+    from moeplex.consolidate.plan import identity_plan
+    from moeplex.demo import build_demo_family
+    from moeplex.model.weights import open_checkpoint
+    from moeplex.store.writer import write_store
+
+    demo = build_demo_family()
+    out = demo.root / "serve-bench-store"
+    if not (out / "manifest.json").is_file():
+        family = load_family_spec(demo.spec_file)
+        spec = open_checkpoint(family.base)[2]
+        sparse = tuple(layer for layer, is_sparse in enumerate(spec.sparse_layers) if is_sparse)
+        write_store(family, identity_plan(tuple(family.checkpoints()), spec.num_layers, spec.num_experts, sparse), out)
+    return out
+
+
+def add_bench_serve_options(parser: argparse.ArgumentParser) -> None:
+    defaults = ServeBenchSettings()
+    parser.add_argument("--store", type=Path, help="store to serve (default: the tiny demo family's identity store, built if missing)")
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--concurrency", type=int, default=defaults.concurrency, help=f"closed-loop clients (default: {defaults.concurrency})")
+    parser.add_argument("--requests", type=int, default=defaults.closed_loop_requests, help=f"requests per closed-loop run (default: {defaults.closed_loop_requests})")
+    parser.add_argument("--output-tokens", type=int, default=defaults.output_tokens, help=f"tokens per completion (default: {defaults.output_tokens})")
+    parser.add_argument("--repeats", type=int, default=defaults.repeats, help=f"alternating runs per system (default: {defaults.repeats})")
+    parser.add_argument("--threads", type=int, default=defaults.threads, help=f"torch threads (default: {defaults.threads})")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=defaults.dtype)
+
+
+def run_from_options(args: argparse.Namespace) -> dict:
+    settings = ServeBenchSettings(
+        concurrency=args.concurrency, closed_loop_requests=args.requests, output_tokens=args.output_tokens,
+        repeats=args.repeats, threads=args.threads, dtype=args.dtype,
+    )
+    result = run_serve_benchmark(args.store or default_store(), settings)
+    print(format_table(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moeplex bench serve", description=__doc__.splitlines()[0])
+    add_bench_serve_options(parser)
+    run_from_options(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
