@@ -254,7 +254,7 @@ def _add_bench(commands) -> None:
     decode.add_argument("--repeats", type=int, default=3, help="alternating timed runs per system (default: 3)")
     decode.add_argument("--threads", type=int, default=2, help="torch threads for both systems (default: 2)")
     decode.set_defaults(handler=_bench_decode)
-    from moeplex.bench.serve import add_bench_serve_options
+    from moeplex.bench.serve_options import add_bench_serve_options
 
     serve = bench_commands.add_parser(
         "serve",
@@ -265,6 +265,17 @@ def _add_bench(commands) -> None:
     )
     add_bench_serve_options(serve)
     serve.set_defaults(handler=_bench_serve)
+    from moeplex.quant.bench_options import add_bench_quant_options
+
+    quant = bench_commands.add_parser(
+        "quant",
+        help="decode tokens/s with every expert int4 / int8 vs bf16, everything resident",
+        description="On a bench-size model, decode at batch 1 with every expert bf16, int8 and int4 (weight-only), "
+        "in one run, alternating, with the same thread count; report the speedups, expert bytes per token and "
+        "the fraction of the streaming bandwidth measured in the same run.",
+    )
+    add_bench_quant_options(quant)
+    quant.set_defaults(handler=_bench_quant)
 
 
 def _bench_decode(args) -> int:
@@ -285,7 +296,14 @@ def _bench_decode(args) -> int:
 
 
 def _bench_serve(args) -> int:
-    from moeplex.bench.serve import run_from_options
+    from moeplex.bench.serve_options import run_from_options
+
+    run_from_options(args)
+    return 0
+
+
+def _bench_quant(args) -> int:
+    from moeplex.quant.bench_options import run_from_options
 
     run_from_options(args)
     return 0

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from moeplex.bench.serve import ServeBenchSettings, format_table, run_serve_benchmark
+from moeplex.bench.serve import format_table, run_serve_benchmark
+from moeplex.bench.serve_options import ServeBenchSettings
 from tests.test_engine_store import build_serving_store, one_torch_thread  # noqa: F401 (autouse fixture)
 
 

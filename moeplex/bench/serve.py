@@ -8,9 +8,7 @@ backbone budget holds one backbone reports switch count, switch time and how muc
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import random
 import statistics
 import time
@@ -21,24 +19,10 @@ import httpx
 import torch
 
 from moeplex.bench.measure import median
+from moeplex.bench.serve_options import ServeBenchSettings
 from moeplex.engine import LLM, EngineConfig
 from moeplex.server import BackgroundServer, create_app
 from moeplex.store import StoreReader
-
-
-@dataclass(frozen=True)
-class ServeBenchSettings:
-    num_variants: int = 4
-    concurrency: int = 8
-    closed_loop_requests: int = 48
-    open_loop_requests: int = 32
-    load_fraction: float = 0.5  # Poisson rate as a fraction of the single-variant saturated request rate
-    prompt_tokens: int = 32
-    output_tokens: int = 32
-    repeats: int = 3
-    threads: int = 2
-    dtype: str = "bf16"
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -216,40 +200,3 @@ def default_store() -> Path:
         sparse = tuple(layer for layer, is_sparse in enumerate(spec.sparse_layers) if is_sparse)
         write_store(family, identity_plan(tuple(family.checkpoints()), spec.num_layers, spec.num_experts, sparse), out)
     return out
-
-
-def add_bench_serve_options(parser: argparse.ArgumentParser) -> None:
-    defaults = ServeBenchSettings()
-    parser.add_argument("--store", type=Path, help="store to serve (default: the tiny demo family's identity store, built if missing)")
-    parser.add_argument("--json", type=Path, help="write the results as JSON here")
-    parser.add_argument("--concurrency", type=int, default=defaults.concurrency, help=f"closed-loop clients (default: {defaults.concurrency})")
-    parser.add_argument("--requests", type=int, default=defaults.closed_loop_requests, help=f"requests per closed-loop run (default: {defaults.closed_loop_requests})")
-    parser.add_argument("--output-tokens", type=int, default=defaults.output_tokens, help=f"tokens per completion (default: {defaults.output_tokens})")
-    parser.add_argument("--repeats", type=int, default=defaults.repeats, help=f"alternating runs per system (default: {defaults.repeats})")
-    parser.add_argument("--threads", type=int, default=defaults.threads, help=f"torch threads (default: {defaults.threads})")
-    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=defaults.dtype)
-
-
-def run_from_options(args: argparse.Namespace) -> dict:
-    settings = ServeBenchSettings(
-        concurrency=args.concurrency, closed_loop_requests=args.requests, output_tokens=args.output_tokens,
-        repeats=args.repeats, threads=args.threads, dtype=args.dtype,
-    )
-    result = run_serve_benchmark(args.store or default_store(), settings)
-    print(format_table(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moeplex bench serve", description=__doc__.splitlines()[0])
-    add_bench_serve_options(parser)
-    run_from_options(parser.parse_args(argv))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

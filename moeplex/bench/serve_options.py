@@ -1,0 +1,52 @@
+"""Options and settings of `moeplex bench serve` (argparse and a dataclass only, so the CLI parser stays light)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServeBenchSettings:
+    num_variants: int = 4
+    concurrency: int = 8
+    closed_loop_requests: int = 48
+    open_loop_requests: int = 32
+    load_fraction: float = 0.5  # Poisson rate as a fraction of the single-variant saturated request rate
+    prompt_tokens: int = 32
+    output_tokens: int = 32
+    repeats: int = 3
+    threads: int = 2
+    dtype: str = "bf16"
+    seed: int = 0
+
+
+def add_bench_serve_options(parser: argparse.ArgumentParser) -> None:
+    defaults = ServeBenchSettings()
+    parser.add_argument("--store", type=Path, help="store to serve (default: the tiny demo family's identity store, built if missing)")
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--concurrency", type=int, default=defaults.concurrency, help=f"closed-loop clients (default: {defaults.concurrency})")
+    parser.add_argument("--requests", type=int, default=defaults.closed_loop_requests, help=f"requests per closed-loop run (default: {defaults.closed_loop_requests})")
+    parser.add_argument("--output-tokens", type=int, default=defaults.output_tokens, help=f"tokens per completion (default: {defaults.output_tokens})")
+    parser.add_argument("--repeats", type=int, default=defaults.repeats, help=f"alternating runs per system (default: {defaults.repeats})")
+    parser.add_argument("--threads", type=int, default=defaults.threads, help=f"torch threads (default: {defaults.threads})")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=defaults.dtype, help=f"compute dtype (default: {defaults.dtype})")
+
+
+def run_from_options(args: argparse.Namespace) -> dict:
+    """Run the benchmark the options describe, print its table, write --json."""
+    from moeplex.bench.serve import default_store, format_table, run_serve_benchmark
+
+    settings = ServeBenchSettings(
+        concurrency=args.concurrency, closed_loop_requests=args.requests, output_tokens=args.output_tokens,
+        repeats=args.repeats, threads=args.threads, dtype=args.dtype,
+    )
+    result = run_serve_benchmark(args.store or default_store(), settings)
+    print(format_table(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return result
