@@ -9,6 +9,7 @@ backbone budget holds one backbone reports switch count, switch time and how muc
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import statistics
 import time

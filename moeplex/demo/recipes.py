@@ -70,7 +70,7 @@ TINY_RECIPE = TinyRecipe(
     ),
     train_chars_per_domain=1_500_000,
     pretrain=TrainingSchedule(steps=400, batch_size=4, seq_len=256, lr=5e-3, warmup_steps=20),
-    fine_tune=TrainingSchedule(steps=100, batch_size=4, seq_len=256, lr=1e-3, warmup_steps=10),
+    fine_tune=TrainingSchedule(steps=150, batch_size=4, seq_len=256, lr=1e-3, warmup_steps=10),
     eval_tokens=16384,
 )
 
