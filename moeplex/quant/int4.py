@@ -1,0 +1,53 @@
+"""int4 weight-only format: asymmetric (min/max) per group of `group_size` input channels, tinygemm-packed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeplex.quant.formats import DEFAULT_GROUP_SIZE, GROUP_SIZES
+from moeplex.quant.kernels import KERNEL_DTYPE, int4_mm, int4_pack
+
+INT4_LEVELS = 15  # values 0..15
+INT4_OFFSET = 8  # the kernel dequantizes q to (q - 8) * scale + zero
+
+
+@dataclass
+class Int4Weight:
+    """A [N, K] matrix as packed 4-bit values with a scale and zero per (group of K, row)."""
+
+    packed: torch.Tensor  # the kernel's layout (on CPU [N, K/2] uint8)
+    scales_and_zeros: torch.Tensor  # [K/group_size, N, 2] bf16
+    group_size: int
+    in_features: int
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] @ W.T -> [M, N], in x's dtype."""
+        return int4_mm(x.to(KERNEL_DTYPE), self.packed, self.group_size, self.scales_and_zeros).to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The matrix the kernel multiplies by, [N, K] float32 (read back through the kernel itself)."""
+        eye = torch.eye(self.in_features, dtype=KERNEL_DTYPE, device=self.packed.device)  # [K, K]
+        return self.matmul(eye).float().T
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales_and_zeros.nbytes
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> Int4Weight:
+    """weight [N, K] (any float dtype) -> Int4Weight; each group's [min, max] maps onto 16 levels."""
+    rows, in_features = weight.shape
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, not {group_size}")
+    if in_features % group_size:
+        raise ValueError(f"int4 group size {group_size} does not divide the matrix's {in_features} input channels")
+    groups = weight.float().reshape(rows, in_features // group_size, group_size)  # [N, G, group_size]
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [N, G]
+    scales = ((high - low) / INT4_LEVELS).clamp_min(torch.finfo(torch.float32).tiny).to(KERNEL_DTYPE)
+    zeros = (low + INT4_OFFSET * scales.float()).to(KERNEL_DTYPE)  # the value that q = 8 stands for
+    q = torch.round((groups - zeros.float()[..., None]) / scales.float()[..., None]) + INT4_OFFSET
+    q = q.clamp(0, INT4_LEVELS).to(torch.int32).reshape(rows, in_features)  # [N, K]
+    scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # [G, N, 2]
+    return Int4Weight(int4_pack(q), scales_and_zeros, group_size, in_features)
