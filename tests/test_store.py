@@ -121,6 +121,7 @@ def test_manifest_describes_sources_bytes_and_dtypes(mixtral_family, pristine_st
         "tiny-mixtral", "mixtral", "MixtralForCausalLM",
     )
     assert set(manifest["sources"]) == {"base", *TUNED}
+    assert manifest["base"] == "base"
     assert all(len(source["fingerprint"]) == 64 for source in manifest["sources"].values())
     counts = manifest["bytes"]
     assert counts["store_total"] < counts["sources_total"] == 3 * counts["one_model"]
@@ -239,6 +240,7 @@ def test_verify_finds_dangling_unused_and_unlisted_experts(store):
             lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "experts"}),
             "field 'experts' is missing",
         ),
+        (lambda text: json.dumps(json.loads(text) | {"base": 7}), "field 'base' is missing or not a str"),
     ],
 )
 def test_damaged_manifest_is_a_clear_error(store, damage, message):
@@ -297,3 +299,11 @@ def test_plan_for_another_shape_is_refused(mixtral_family, tmp_path):
     with pytest.raises(StoreError, match=r"\(layers, experts, sparse layers\)"):
         write_store(mixtral_family, plan, tmp_path / "store", progress=False)
     assert not (tmp_path / "store").exists()
+
+
+def test_manifest_without_base_field_reads_as_no_base(store):
+    """Stores written before the field existed have no base: their variants are served without a parent."""
+    path = store / "manifest.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "base"}))
+    assert StoreReader(store).base is None
+    assert StoreReader(store).variants

@@ -24,6 +24,7 @@ from moeplex.model.attention import SequenceChunk
 from moeplex.model.kv_cache import SequenceKVCache
 from moeplex.model.sampling import SamplingParams, sample_token
 from moeplex.model.stopping import append_token
+from moeplex.planner.placement import apply_placement
 from moeplex.store.layout import TOKENIZER
 from moeplex.store.reader import StoreReader
 
@@ -58,6 +59,7 @@ class Engine:
         self.config = config = config or EngineConfig()
         reader = StoreReader(store)
         self.variants = reader.variants
+        self.base = reader.base
         specs = {variant: reader.spec(variant) for variant in self.variants}
         self.spec = specs[self.variants[0]]
         for variant, spec in specs.items():
@@ -69,6 +71,7 @@ class Engine:
         tables = {variant: reader.expert_table(variant) for variant in self.variants}
         used = [expert_id for table in tables.values() for row in table if row for expert_id in row]
         bank = reader.load_expert_bank(used, self.spec, config.dtype, config.device)
+        self.placement = apply_placement(reader.path, bank) if config.use_placement else None
         self.runner = MixedVariantRunner(
             self.spec, bank, {v: bank.rows(t, config.device) for v, t in tables.items()}, config.dtype, config.device
         )

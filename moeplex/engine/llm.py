@@ -30,6 +30,10 @@ class LLM:
     def variants(self) -> list[str]:
         return self.engine.variants
 
+    def parent_of(self, variant: str) -> str | None:
+        """The model a variant was fine-tuned from (None for the base itself or when the family has no base)."""
+        return None if variant == self.engine.base else self.engine.base
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

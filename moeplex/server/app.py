@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
-from moeplex.consolidate.family_spec import BASE
 from moeplex.engine import LLM, RequestOutput
 from moeplex.engine.sequence import TokenLogprob
 from moeplex.model.sampling import SamplingParams
@@ -85,9 +84,8 @@ def create_app(llm: LLM, settings: ServerSettings | None = None, close_llm_on_sh
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models():
-        parent = BASE if BASE in llm.variants else None
         data = [
-            {"id": v, "object": "model", "created": state.created, "owned_by": "moeplex", "root": v, "parent": None if v == parent else parent}
+            {"id": v, "object": "model", "created": state.created, "owned_by": "moeplex", "root": v, "parent": llm.parent_of(v)}
             for v in llm.variants
         ]
         return {"object": "list", "data": data}

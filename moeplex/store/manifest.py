@@ -51,6 +51,7 @@ class Manifest:
     tokenizer: dict[str, BlobEntry]  # tokenizer file name -> blob
     dtypes: dict[str, list[str]]  # {"experts": [...], "backbones": [...]}: the dtypes stored
     bytes: dict[str, int]  # experts, backbones, store_total, sources_total, one_model
+    base: str | None = None  # the name of the checkpoint the variants were fine-tuned from, if the family has one
 
     def blobs(self) -> list[tuple[str, BlobEntry]]:
         """(what it is, entry) for every file the manifest lists."""
@@ -93,6 +94,7 @@ class Manifest:
             tokenizer=fields.blob_map("tokenizer"),
             dtypes=fields.get("dtypes", dict),
             bytes=fields.get("bytes", dict),
+            base=fields.optional("base", str),
         )
         _check_every_variant_is_complete(manifest, where)
         _check_tables_are_well_formed(manifest, where)
@@ -123,6 +125,10 @@ class _Fields:
 
     def __init__(self, data: dict, where: Path):
         self.data, self.where = data, where
+
+    def optional(self, key: str, kind: type):
+        """The field's value, or None when it is absent or null."""
+        return None if self.data.get(key) is None else self.get(key, kind)
 
     def get(self, key: str, kind: type):
         value = self.data.get(key)

@@ -76,6 +76,11 @@ class StoreReader:
     def variants(self) -> list[str]:
         return list(self.manifest.variants)
 
+    @property
+    def base(self) -> str | None:
+        """The name of the model the variants were fine-tuned from (served or not), if the family has one."""
+        return self.manifest.base
+
     def config(self, variant: str) -> dict:
         """The variant's original Hugging Face config.json."""
         if variant not in self._configs:

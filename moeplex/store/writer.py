@@ -9,7 +9,7 @@ import safetensors.torch
 import torch
 from tqdm import tqdm
 
-from moeplex.consolidate.family_spec import VARIANT_NAME, FamilySpec, OpenCheckpoint, open_family
+from moeplex.consolidate.family_spec import BASE, VARIANT_NAME, FamilySpec, OpenCheckpoint, open_family
 from moeplex.consolidate.plan import ConsolidationPlan
 from moeplex.families.base import read_backbone_tensor
 from moeplex.store.atomic import staged_folder
@@ -68,6 +68,7 @@ def write_store(
             tokenizer=_copy_tokenizer(staging, checkpoints[variants[0]].reader.folder),
             dtypes={"experts": sorted(expert_dtypes), "backbones": sorted(backbone_dtypes)},
             bytes={},
+            base=BASE if family.base is not None else None,
         )
         manifest.bytes = _byte_counts(manifest)
         (staging / MANIFEST).write_text(manifest_text(manifest))
