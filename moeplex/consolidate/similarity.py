@@ -15,6 +15,11 @@ from moeplex.consolidate.plan import ExpertSource, Position
 from moeplex.model.ops import swiglu_mlp
 
 
+
+def relative_output_error(reference: torch.Tensor, approximate: torch.Tensor) -> float:
+    """Mean row norm of the difference over mean row norm of the reference (both [n, H])."""
+    return float((approximate - reference).norm(dim=-1).mean() / reference.norm(dim=-1).mean().clamp_min(1e-12))
+
 class FamilyExperts:
     """Lazy, cached reads of any model's expert in a family (variants and base), by position."""
 
@@ -92,4 +97,4 @@ class OutputErrorModel:
         replacement = materialize_expert(source, self.experts.read)
         y_own = swiglu_mlp(x, own["gate_up"].float(), own["down"].float())
         y_new = swiglu_mlp(x, replacement["gate_up"].float(), replacement["down"].float())
-        return float((y_own - y_new).norm(dim=-1).mean() / y_own.norm(dim=-1).mean().clamp_min(1e-12))
+        return relative_output_error(y_own, y_new)

@@ -7,19 +7,14 @@ consolidation measures sharing error.
 
 from __future__ import annotations
 
-import torch
 from tqdm import tqdm
 
 from moeplex.consolidate.calibration import ExpertInputs
+from moeplex.consolidate.similarity import relative_output_error
 from moeplex.model.experts import DenseExperts
 from moeplex.model.ops import swiglu_mlp
 from moeplex.quant.experts import quantize_expert
 from moeplex.quant.formats import DEFAULT_GROUP_SIZE, QUANTIZED, Position
-
-
-def relative_output_error(reference: torch.Tensor, approximate: torch.Tensor) -> float:
-    """Mean row norm of the difference over mean row norm of the reference (both [n, H])."""
-    return float((approximate - reference).norm(dim=-1).mean() / reference.norm(dim=-1).mean().clamp_min(1e-12))
 
 
 def expert_output_errors(
