@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moeplex.bench.measure import alternate, median, streaming_bandwidth
+from moeplex.bench.profile import format_profile, profile_decode
 from moeplex.model.experts import ExpertCompute
 from moeplex.model.generate import generate
 from moeplex.model.runtime import MoEModel, load_model
@@ -35,6 +36,7 @@ class DecodeSettings:
     repeats: int = 3
     threads: int = 2
     seed: int = 0
+    profile: bool = False  # also profile moeplex's decode at the first batch size
 
 
 def weight_bytes_per_token(model: MoEModel, prompts: list[list[int]], new_tokens: int) -> float:
@@ -88,6 +90,9 @@ def run_decode_benchmark(checkpoint: Path, settings: DecodeSettings, progress=pr
         result["bytes_per_token"][key] = per_token
         result["roofline_fraction"][key] = per_token * result["tokens_per_s"]["moeplex"][key] / bandwidth
         result["greedy_agreement"][key] = _greedy_agreement(ours, reference, prompts, settings.new_tokens)
+        if settings.profile and "profile" not in result:
+            progress(f"batch {batch}: profiling moeplex's decode")
+            result["profile"] = {"batch": batch, "top_ops": profile_decode(ours, prompts.tolist(), settings.new_tokens)}
     return result
 
 
@@ -145,4 +150,6 @@ def format_table(result: dict) -> str:
             f" {result['speedup_vs_transformers'][key]:>7.2f}x {result['bytes_per_token'][key] / 1e6:>9.1f}"
             f" {result['roofline_fraction'][key]:>9.0%} {result['greedy_agreement'][key]:>6.0%}"
         )
+    if "profile" in result:
+        lines += [f"moeplex decode profile at batch {result['profile']['batch']} (self CPU time):", format_profile(result["profile"]["top_ops"])]
     return "\n".join(lines)
