@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_consolidate(commands)
     _add_store_tools(commands)
     _add_bench(commands)
+    _add_plan(commands)
     _add_serve(commands)
     return parser
 
@@ -253,6 +254,7 @@ def _add_bench(commands) -> None:
     decode.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (default: 32)")
     decode.add_argument("--repeats", type=int, default=3, help="alternating timed runs per system (default: 3)")
     decode.add_argument("--threads", type=int, default=2, help="torch threads for both systems (default: 2)")
+    decode.add_argument("--profile", action="store_true", help="also profile moeplex's decode at the first batch size and print the top operators")
     decode.set_defaults(handler=_bench_decode)
     from moeplex.bench.serve_options import add_bench_serve_options
 
@@ -276,6 +278,17 @@ def _add_bench(commands) -> None:
     )
     add_bench_quant_options(quant)
     quant.set_defaults(handler=_bench_quant)
+    from moeplex.offload.bench_options import add_bench_offload_options
+
+    offload = bench_commands.add_parser(
+        "offload",
+        help="decode tokens/s with experts offloaded to disk: LRU, LFU, moeplex (predict + prefetch), resident",
+        description="On the bench demo family's store, cold page cache, at device budgets of 25%% and 50%% of the "
+        "expert bytes, in one run, alternating: on-demand + LRU, on-demand + LFU, moeplex (prediction + prefetch + "
+        "trace-aware eviction) and fully resident; hit rates, prefetch accuracy, bytes per token, prediction recall.",
+    )
+    add_bench_offload_options(offload)
+    offload.set_defaults(handler=_bench_offload)
 
 
 def _bench_decode(args) -> int:
@@ -287,7 +300,8 @@ def _bench_decode(args) -> int:
 
         model = build_demo_family(size="bench").base
     settings = DecodeSettings(
-        batch_sizes=tuple(args.batch_sizes), new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads
+        batch_sizes=tuple(args.batch_sizes), new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads,
+        profile=args.profile,
     )
     result = run_decode_benchmark(model, settings)
     print(format_table(result))
@@ -302,11 +316,39 @@ def _bench_serve(args) -> int:
     return 0
 
 
+def _bench_offload(args) -> int:
+    from moeplex.offload.bench_options import run_from_options
+
+    run_from_options(args)
+    return 0
+
+
 def _bench_quant(args) -> int:
     from moeplex.quant.bench_options import run_from_options
 
     run_from_options(args)
     return 0
+
+
+def _add_plan(commands) -> None:
+    from moeplex.planner.options import add_plan_options
+
+    plan = commands.add_parser(
+        "plan",
+        help="choose each expert's precision (int4 / int8 / bf16) for a device budget and constraints",
+        description="Measure decode tokens/s and calibration perplexity of the store's expert-precision configurations "
+        "that fit the device memory (experts chosen least-error-first; measurements cached in the store), draw the "
+        "Pareto frontier, choose the configuration meeting the constraints and write it to STORE/placement.json, "
+        "which the engine loads.",
+    )
+    add_plan_options(plan)
+    plan.set_defaults(handler=_plan)
+
+
+def _plan(args) -> int:
+    from moeplex.planner.options import run_from_options
+
+    return run_from_options(args)
 
 
 def _write_json(path: Path | None, data: dict) -> None:

@@ -11,3 +11,7 @@ class CheckpointError(MoeplexError):
 
 class UnsupportedModelError(MoeplexError):
     """The checkpoint's architecture or one of its options is not supported."""
+
+
+class ExpertReadError(MoeplexError):
+    """An expert's weights could not be read from its file; the message names the file and the expert."""

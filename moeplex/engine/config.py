@@ -17,6 +17,7 @@ class EngineConfig:
     backbone_budget_bytes: device bytes for resident backbones; None keeps every variant's backbone.
     max_model_len: longest prompt + completion in tokens; None takes the model's position limit.
     max_pending_requests: running + waiting sequences beyond which new requests are refused.
+    use_placement: quantize experts as the store's placement.json (written by `moeplex plan`) says, if it has one.
     """
 
     dtype: torch.dtype = torch.bfloat16
@@ -29,6 +30,7 @@ class EngineConfig:
     policy: str = "fcfs"
     max_pending_requests: int = 256
     max_model_len: int | None = None
+    use_placement: bool = True
 
     def __post_init__(self):
         if self.policy not in POLICIES:

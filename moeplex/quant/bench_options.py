@@ -20,6 +20,10 @@ class QuantBenchSettings:
     seed: int = 0
 
 
+PARTS = ("speed", "selection", "frontier")
+FRONTIER_STEPS = 8  # int4 / int8 counts at eighths of the experts: 45 configurations
+
+
 def add_bench_quant_options(parser: argparse.ArgumentParser) -> None:
     defaults = QuantBenchSettings()
     parser.add_argument("--model", type=Path, help="checkpoint folder (default: bench demo base, built if missing)")
@@ -28,10 +32,27 @@ def add_bench_quant_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help=f"alternating timed runs per precision (default: {defaults.repeats})")
     parser.add_argument("--threads", type=int, default=defaults.threads, help=f"torch threads for every precision (default: {defaults.threads})")
     parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=defaults.group_size, help=f"int4 group size (default: {defaults.group_size})")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="speed: all int4 / int8 vs bf16 on the bench model; selection and frontier: on --store (default: all)")
+    parser.add_argument("--store", type=Path, help="trained store for selection and frontier (default: the tiny demo family's identity store)")
+    parser.add_argument("--frontier-steps", type=int, default=FRONTIER_STEPS, help=f"int4 / int8 counts at multiples of 1/STEPS of the experts (default: {FRONTIER_STEPS})")
 
 
 def run_from_options(args: argparse.Namespace) -> dict:
-    """Run the benchmark the options describe, print its table, write --json."""
+    """Run the parts the options name, print their tables, write --json."""
+    result = {}
+    if "speed" in args.parts:
+        result.update(_run_speed(args))
+    if {"selection", "frontier"} & set(args.parts):
+        result.update(_run_store_parts(args))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return result
+
+
+def _run_speed(args: argparse.Namespace) -> dict:
     from moeplex.quant.bench import format_table, run_quant_benchmark
 
     model = args.model
@@ -44,8 +65,28 @@ def run_from_options(args: argparse.Namespace) -> dict:
     )
     result = run_quant_benchmark(model, settings)
     print(format_table(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    return result
+
+
+def _run_store_parts(args: argparse.Namespace) -> dict:
+    from moeplex.bench.serve import default_store
+    from moeplex.planner.meter import MeterSettings, StoreMeter
+    from moeplex.planner.profile import Profiler
+    from moeplex.quant.bench_store import (
+        compare_selections,
+        format_frontier,
+        format_selection,
+        heldout_ids,
+        measure_frontier,
+    )
+
+    store = args.store or default_store()
+    profiler = Profiler(StoreMeter(store, MeterSettings(threads=args.threads, group_size=args.group_size)))
+    result = {"store": str(store)}
+    if "selection" in args.parts:
+        result["selection"] = compare_selections(profiler, heldout_ids(profiler))
+        print(format_selection(result["selection"]))
+    if "frontier" in args.parts:
+        result.update(measure_frontier(profiler, args.frontier_steps))
+        print(format_frontier(result))
     return result

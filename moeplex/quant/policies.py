@@ -92,21 +92,3 @@ def _require(table: Mapping[Position, object], positions: list[Position], what: 
     if missing:
         raise ValueError(f"no {what} for positions {missing[:5]}")
 
-
-POLICY_NAMES = (RandomSelection.name, LeastRoutedFirst.name, LeastErrorFirst.name)
-
-
-def policy_by_name(
-    name: str,
-    frequency: Mapping[Position, float] | None = None,
-    errors: Mapping[Position, Mapping[str, float]] | None = None,
-    seed: int = 0,
-):
-    """The policy called `name` (random, least-routed-first, least-error-first) over these measurements."""
-    if name == RandomSelection.name:
-        return RandomSelection(seed)
-    if name == LeastRoutedFirst.name:
-        return LeastRoutedFirst(frequency)
-    if name == LeastErrorFirst.name:
-        return LeastErrorFirst(errors, frequency)
-    raise ValueError(f"unknown selection policy '{name}' (known: {', '.join(POLICY_NAMES)})")

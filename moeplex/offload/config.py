@@ -1,0 +1,29 @@
+"""Settings of expert offloading: budgets, eviction policy, prediction, prefetch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PREDICTIONS = ("none", "trace", "lookahead", "combined")
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    device_budget: int  # bytes of compute-ready experts (GPU memory on CUDA, RAM on CPU)
+    host_budget: int = 0  # bytes of evicted experts kept in host RAM (pinned on CUDA); 0: none
+    policy: str = "trace"  # lru | lfu | trace
+    prediction: str = "combined"  # none | trace | lookahead | combined
+    prefetch: bool = True  # a background thread fetches predicted experts
+    window: int = 2  # sparse layers ahead that are predicted (and prefetched)
+    min_probability: float = 0.8  # prefetch experts at least this likely (a wasted prefetch costs disk time)
+    lookahead_weight: float = 0.7  # share of router look-ahead in the combined prediction
+    trace_capacity: int = 512  # traces the library keeps (oldest leave first)
+    trace_matches: int = 8  # most similar library traces a prediction averages
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, not '{self.prediction}'")
+        if self.prediction == "none" and (self.prefetch or self.policy == "trace"):
+            raise ValueError("prefetching and the trace-aware policy need a prediction")
+        if self.window < 1 or self.device_budget < 1:
+            raise ValueError("window and device_budget must be positive")

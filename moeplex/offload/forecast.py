@@ -1,0 +1,73 @@
+"""Per layer: trace the router's choice, predict the next layers, and estimate every expert's next need."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeplex.offload.evaluation import PredictionScorer
+from moeplex.offload.prediction import CombinedPredictor, batch_need
+from moeplex.offload.tracing import ActivationTracer
+
+
+@dataclass
+class Outlook:
+    """What the forecaster expects after `layer` routed."""
+
+    layer: int
+    targets: list[int]  # the next sparse layers, nearest first (wrapping into the next token)
+    distances: list[int]  # layer steps from `layer` to each target
+    window: torch.Tensor  # [W, E] probability that the batch needs each expert at each target
+    need: torch.Tensor  # [L, E] the same at every layer's next visit (trace matching outside the window)
+
+
+class ExpertForecaster:
+    """Feeds the tracer and asks the predictor, once per sparse layer; optionally scores its own predictions."""
+
+    def __init__(
+        self,
+        sparse_layers: tuple[bool, ...],
+        tracer: ActivationTracer,
+        predictor: CombinedPredictor,
+        window: int = 2,
+        scorer: PredictionScorer | None = None,
+    ):
+        self.sparse = [layer for layer, is_sparse in enumerate(sparse_layers) if is_sparse]
+        self.num_layers = len(sparse_layers)
+        self.tracer, self.predictor, self.window, self.scorer = tracer, predictor, window, scorer
+
+    def begin_request(self, variant: str) -> None:
+        self.tracer.begin(variant)
+        if self.scorer is not None:
+            self.scorer.reset()
+
+    def end_request(self) -> None:
+        self.tracer.end()
+
+    def observe(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor) -> Outlook:
+        """hidden [T, H] is the layer's router input, expert_ids [T, k] its choice."""
+        self.tracer.record(layer, expert_ids)
+        targets, distances = self._targets(layer)
+        same_token = [layer + d < self.num_layers for d in distances]
+        window = self.predictor.predict(hidden, targets, same_token)  # [W, E]
+        need = self._baseline_need(hidden.shape[0])  # [L, E]
+        need[targets] = window
+        if self.scorer is not None:
+            self.scorer.observe(layer, expert_ids)
+            self.scorer.expect(layer, targets, distances, window)
+        return Outlook(layer, targets, distances, window, need)
+
+    def _targets(self, layer: int) -> tuple[list[int], list[int]]:
+        position = self.sparse.index(layer)
+        count = min(self.window, len(self.sparse))
+        targets = [self.sparse[(position + step) % len(self.sparse)] for step in range(1, count + 1)]
+        return targets, [(target - layer - 1) % self.num_layers + 1 for target in targets]
+
+    def _baseline_need(self, tokens: int) -> torch.Tensor:
+        """[L, E] from trace matching, or uniform (k of E) without it."""
+        matcher = self.predictor.matcher
+        if matcher is None:
+            shape = self.tracer.matrix.shape
+            return batch_need(torch.full(shape, self.predictor.lookahead.top_k / shape[1]), tokens)
+        return batch_need(matcher.per_token(), tokens)

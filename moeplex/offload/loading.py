@@ -1,0 +1,87 @@
+"""Assemble an offloaded model from a store or a checkpoint: backbone resident, experts behind an ExpertPool."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moeplex.model.runtime import MoEModel
+from moeplex.model.spec import ModelSpec
+from moeplex.model.weights import Backbone, load_backbone, open_checkpoint
+from moeplex.offload.config import OffloadConfig
+from moeplex.offload.evaluation import PredictionScorer
+from moeplex.offload.forecast import ExpertForecaster
+from moeplex.offload.offloaded import KeyTable, OffloadedExperts
+from moeplex.offload.policies import make_policy
+from moeplex.offload.pool import ExpertPool
+from moeplex.offload.prediction import CombinedPredictor, RouterLookahead, TraceMatcher
+from moeplex.offload.prefetcher import Prefetcher
+from moeplex.offload.sources import (
+    CheckpointExpertSource,
+    ExpertSource,
+    StoreExpertSource,
+)
+from moeplex.offload.tracing import TRACES_FOLDER, ActivationTracer, TraceLibrary
+from moeplex.store.layout import MANIFEST
+from moeplex.store.reader import StoreReader
+
+
+def build_offloaded_experts(
+    spec: ModelSpec,
+    backbone: Backbone,
+    table: KeyTable,
+    source: ExpertSource,
+    config: OffloadConfig,
+    library: TraceLibrary | None = None,
+    scorer: PredictionScorer | None = None,
+    device="cpu",
+) -> OffloadedExperts:
+    """The expert door of one variant: its pool, and (per config) forecaster and prefetcher.
+
+    Router look-ahead reads the later layers' routers from the variant's backbone.
+    """
+    pool = ExpertPool(source, make_policy(config.policy, source.expert_nbytes), config.device_budget, config.host_budget, device)
+    forecaster = None
+    if config.prediction != "none":
+        library = library or TraceLibrary(spec.num_layers, spec.num_experts, config.trace_capacity)
+        tracer = ActivationTracer(library)
+        matcher = TraceMatcher(tracer, spec.top_k, config.trace_matches) if config.prediction in ("trace", "combined") else None
+        routers = [layer.router for layer in backbone.layers]
+        lookahead = RouterLookahead(routers, spec.top_k) if config.prediction in ("lookahead", "combined") else None
+        predictor = CombinedPredictor(matcher, lookahead, config.lookahead_weight)
+        forecaster = ExpertForecaster(spec.sparse_layers, tracer, predictor, config.window, scorer)
+    prefetcher = Prefetcher(pool) if config.prefetch else None
+    return OffloadedExperts(table, pool, forecaster, prefetcher, config.min_probability)
+
+
+def load_offloaded_model(
+    path: str | Path,
+    config: OffloadConfig,
+    variant: str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device="cpu",
+    scorer: PredictionScorer | None = None,
+) -> MoEModel:
+    """A model whose experts are offloaded: from a store (its `traces/` library loaded when present) or a checkpoint.
+
+    The model's `.experts` is an OffloadedExperts; close() it when done (it may own a prefetch thread).
+    """
+    path = Path(path)
+    library = None
+    if (path / MANIFEST).is_file():
+        reader = StoreReader(path)
+        variant = variant or reader.variants[0]
+        spec = reader.spec(variant)
+        backbone = reader.load_backbone(variant, dtype, device)
+        table: KeyTable = reader.expert_table(variant)
+        source: ExpertSource = StoreExpertSource(path, reader.manifest, spec, dtype)
+        if (path / TRACES_FOLDER).is_dir():
+            library = TraceLibrary.load(path / TRACES_FOLDER, config.trace_capacity)
+    else:
+        family, checkpoint, spec = open_checkpoint(path)
+        backbone = load_backbone(family, checkpoint, spec, dtype, device)
+        table = [[(layer, e) for e in range(spec.num_experts)] if sparse else None for layer, sparse in enumerate(spec.sparse_layers)]
+        source = CheckpointExpertSource(family, checkpoint, spec, dtype)
+    experts = build_offloaded_experts(spec, backbone, table, source, config, library, scorer, device)
+    return MoEModel(spec, backbone, experts, dtype, device)

@@ -1,0 +1,100 @@
+"""Which experts the next layers will need: trace matching, router look-ahead, and both combined.
+
+Every predictor returns, for each target layer, the probability [E] that the running batch of T
+tokens uses each expert there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moeplex.model.ops import linear
+from moeplex.offload.tracing import ActivationTracer
+
+
+def batch_need(per_token: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Probability that at least one of `tokens` independent tokens picks each expert, from per-token odds."""
+    return 1.0 - (1.0 - per_token.clamp(0.0, 1.0)) ** tokens
+
+
+class TraceMatcher:
+    """Predicts from the library traces most similar (cosine) to the running request's partial matrix.
+
+    The request's own recency-weighted matrix counts as one more match of similarity 1, so a request
+    that keeps choosing the same experts is predicted from itself even with an empty library. Matches
+    weigh similarity ** sharpness: only close ones move the prediction away from the request's own.
+    """
+
+    def __init__(self, tracer: ActivationTracer, top_k: int, matches: int = 8, sharpness: float = 4.0):
+        self.tracer, self.top_k, self.matches, self.sharpness = tracer, top_k, matches, sharpness
+        self._computed: tuple[int, torch.Tensor] | None = None  # (tracer version, per_token) of the last call
+
+    def per_token(self) -> torch.Tensor:
+        """[L, E] probability that one token of the running request picks each expert at each layer."""
+        if self._computed is None or self._computed[0] != self.tracer.version:
+            self._computed = (self.tracer.version, self._match())
+        return self._computed[1]
+
+    def _match(self) -> torch.Tensor:
+        partial = self.tracer.matrix  # [L, E]
+        library = self.tracer.library.matrices(self.tracer.variant)  # [N, L, E]
+        similarity = torch.nn.functional.cosine_similarity(library.flatten(1), partial.flatten()[None], dim=1)  # [N]
+        own = torch.tensor([1.0 if partial.sum() > 0 else 0.0])
+        similarity = torch.cat([similarity.clamp(min=0), own])  # [N+1]
+        traces = torch.cat([library, self.tracer.recent[None]])  # [N+1, L, E]
+        best = torch.topk(similarity, min(self.matches + 1, similarity.numel()))
+        rows = traces[best.indices]  # [m, L, E]
+        tokens = rows.sum(-1, keepdim=True)  # [m, L, 1] (times k)
+        weights = best.values[:, None, None] ** self.sharpness * (tokens > 0)  # a match says nothing about layers it has not seen
+        total = weights.sum(0)  # [L, 1]
+        matched = (rows / tokens.clamp(min=1) * weights).sum(0) / total.clamp(min=1e-12) * self.top_k
+        return torch.where(total > 0, matched, self.top_k / partial.shape[1])
+
+    def predict(self, layers: list[int], tokens: int) -> torch.Tensor:
+        """[len(layers), E] probability that a batch of `tokens` tokens needs each expert."""
+        return batch_need(self.per_token()[layers], tokens)
+
+
+class RouterLookahead:
+    """Applies later layers' routers to the current layer's router input.
+
+    What it does exactly: at layer l the runtime hands the expert door x_l = mlp_norm_l(h) [T, H]; the
+    prediction for layer l+d is softmax(router_{l+d} x_l), i.e. the residual stream is assumed not to
+    change between the layers (it changes little per layer). The per-token chance of picking an expert
+    is taken as min(1, k * router probability).
+    """
+
+    def __init__(self, routers: list[torch.Tensor | None], top_k: int):
+        self.routers, self.top_k = routers, top_k  # per layer [E, H], None for dense layers
+
+    def predict(self, hidden: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """[len(layers), E] probability that the batch hidden [T, H] needs each expert."""
+        rows = []
+        for layer in layers:
+            probs = torch.softmax(linear(hidden, self.routers[layer]).float(), dim=-1)  # [T, E]
+            rows.append(1.0 - torch.prod(1.0 - (self.top_k * probs).clamp(max=1.0), dim=0))
+        return torch.stack(rows)
+
+
+class CombinedPredictor:
+    """lookahead_weight * router look-ahead + (1 - lookahead_weight) * trace matching, or either one alone.
+
+    When both are on, layers of the next token (the window wraps past the last layer) use trace
+    matching alone: their router input does not exist yet. Look-ahead alone guesses them from the
+    current token's router input.
+    """
+
+    def __init__(self, matcher: TraceMatcher | None, lookahead: RouterLookahead | None, lookahead_weight: float = 0.7):
+        if matcher is None and lookahead is None:
+            raise ValueError("a predictor needs trace matching, router look-ahead or both")
+        self.matcher, self.lookahead, self.lookahead_weight = matcher, lookahead, lookahead_weight
+
+    def predict(self, hidden: torch.Tensor, layers: list[int], same_token: list[bool]) -> torch.Tensor:
+        """[len(layers), E] need probabilities for the target layers; same_token[i]: layers[i] is still this token's."""
+        if self.lookahead is None:
+            return self.matcher.predict(layers, hidden.shape[0])
+        ahead = self.lookahead.predict(hidden, layers)
+        if self.matcher is None:
+            return ahead
+        weight = torch.tensor([self.lookahead_weight if same else 0.0 for same in same_token])[:, None]  # [W, 1]
+        return weight * ahead + (1 - weight) * self.matcher.predict(layers, hidden.shape[0])

@@ -1,0 +1,100 @@
+"""`moeplex plan`: profile a store's configurations within a device budget, choose one, write its placement."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moeplex.consolidate.analysis import parse_budget
+from moeplex.errors import MoeplexError
+from moeplex.planner.cache import MeasurementCache
+from moeplex.planner.choice import (
+    ConstraintError,
+    Constraints,
+    choose_configuration,
+    describe,
+)
+from moeplex.planner.configurations import all_unquantized, configuration_grid
+from moeplex.planner.meter import MeterSettings, StoreMeter
+from moeplex.planner.pareto import Measurement, pareto_frontier
+from moeplex.planner.placement import Placement, placement_path, write_placement
+from moeplex.planner.plot import plot_frontier
+from moeplex.planner.profile import Profiler
+
+
+@dataclass
+class PlanResult:
+    budget_bytes: int
+    reference: Measurement  # every expert bf16 (measured even when it does not fit)
+    points: list[Measurement]  # the configurations that fit
+    chosen: Measurement
+    placement_file: Path
+    skipped: int  # configurations that did not fit the budget
+    plot: Path | None = None
+    frontier: list[Measurement] = field(default_factory=list)
+
+
+def run_plan(
+    store: Path,
+    device_memory: str,
+    constraints: Constraints,
+    plot: Path | None = None,
+    steps: int = 4,
+    settings: MeterSettings | None = None,
+) -> PlanResult:
+    """Measure (or reuse) every configuration that fits `device_memory`, choose one, write it to the store.
+
+    device_memory: bytes for resident experts + backbones ('800MB', '2GiB', or '0.5x' of all bf16).
+    Raises ConstraintError (after plotting the closest point) when the constraints cannot be met.
+    """
+    settings = settings or MeterSettings()
+    meter = StoreMeter(store, settings)
+    profiler = Profiler(meter, MeasurementCache(store, meter.context()))
+    reference_config = all_unquantized(profiler.num_experts)
+    budget = parse_budget(device_memory, profiler.resident_bytes(reference_config))
+    grid = configuration_grid(profiler.num_experts, steps)
+    fitting = [config for config in grid if profiler.resident_bytes(config) <= budget]
+    if not fitting:
+        smallest = min(profiler.resident_bytes(config) for config in grid)
+        raise MoeplexError(f"--device-memory {device_memory} ({budget} bytes) holds no configuration: the smallest "
+                           f"(every expert int4, every backbone) needs {smallest} bytes")
+    measured = profiler.measure(fitting if reference_config in fitting else [reference_config, *fitting])
+    reference = next(m for m in measured if m.config == reference_config)
+    points = [m for m in measured if m.config in fitting]
+    title = f"{store.name}: {len(points)} configurations within {budget / 1e6:.1f} MB"
+    try:
+        chosen = choose_configuration(points, constraints, reference.ppl)
+    except ConstraintError as error:
+        if plot is not None:
+            plot_frontier(points, error.closest, plot, title, chosen_label=f"closest (misses {', '.join(error.failing)})")
+        raise
+    placement = Placement(
+        precision=profiler.precisions(chosen.config),
+        group_size=settings.group_size,
+        device_memory_bytes=budget,
+        configuration=chosen.config.to_json(),
+        measured={"tokens_per_s": chosen.tokens_per_s, "ppl": chosen.ppl, "reference_ppl": reference.ppl,
+                  "resident_bytes": chosen.resident_bytes},
+    )
+    write_placement(store, placement)
+    if plot is not None:
+        plot_frontier(points, chosen, plot, title)
+    return PlanResult(budget, reference, points, chosen, placement_path(store), len(grid) - len(fitting), plot,
+                      pareto_frontier(points))
+
+
+def format_plan(result: PlanResult) -> str:
+    reference = result.reference.ppl
+    lines = [
+        f"device memory: {result.budget_bytes / 1e6:.1f} MB; {len(result.points)} configurations fit, {result.skipped} do not",
+        f"{'int4':>5} {'int8':>5} {'bf16':>5} {'MB':>7} {'tok/s':>7} {'ppl':>8} {'vs bf16':>8}  frontier",
+    ]
+    on_frontier = {id(p) for p in result.frontier}
+    for point in sorted(result.points, key=lambda p: p.tokens_per_s):
+        config = point.config
+        mark = ("*" if id(point) in on_frontier else "") + (" <- chosen" if point is result.chosen else "")
+        lines.append(f"{config.int4:>5} {config.int8:>5} {config.bf16:>5} {point.resident_bytes / 1e6:>7.1f}"
+                     f" {point.tokens_per_s:>7.1f} {point.ppl:>8.3f} {point.ppl / reference - 1:>+8.2%}  {mark}")
+    lines.append(f"chosen: {describe(result.chosen, reference)}")
+    lines.append(f"wrote {result.placement_file}" + (f" and {result.plot}" if result.plot else ""))
+    return "\n".join(lines)
