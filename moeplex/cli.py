@@ -1,13 +1,13 @@
-"""The `moeplex` command: build the demo family, generate, evaluate perplexity, benchmark decoding."""
+"""The `moeplex` command: demo family, generate, eval, consolidate, merge, verify, export, bench, plan, serve."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from moeplex.errors import MoeplexError
+from moeplex.results import write_json
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 
@@ -140,7 +140,7 @@ def _eval_ppl(args) -> int:
         own_domain,
     )
     print(report.table())
-    _write_json(args.json, report.to_json())
+    write_json(args.json, report.to_json())
     return 0
 
 
@@ -184,7 +184,7 @@ def _consolidate(args) -> int:
         work_dir = args.out or Path(".moeplex-sweep")
         result = run_budget_sweep(family, work_dir, max_tokens=args.max_tokens)
         print(format_sweep(result))
-        _write_json(args.json, result)
+        write_json(args.json, result)
         return 0
     if args.sweep_family or args.out is None:
         raise MoeplexError("usage: moeplex consolidate [FAMILY] --out STORE [--budget B] [--report]")
@@ -195,7 +195,7 @@ def _consolidate(args) -> int:
     )
     for key, value in summary.items():
         print(f"{key}: {value}")
-    _write_json(args.json, summary)
+    write_json(args.json, summary)
     return 0
 
 
@@ -238,96 +238,10 @@ def _export(args) -> int:
 
 
 def _add_bench(commands) -> None:
+    from moeplex.bench.options import add_bench_commands
+
     bench = commands.add_parser("bench", help="benchmarks (print a table; --json writes the numbers)")
-    bench_commands = bench.add_subparsers(title="benchmarks", metavar="BENCHMARK")
-    decode = bench_commands.add_parser(
-        "decode",
-        help="decode tokens/s of moeplex vs transformers' generate, and the bandwidth roofline",
-        description="On a bench-size model (>=300M parameters, bf16; the 'bench' demo family's base unless "
-        "--model is given), measure decode tokens/s at each batch size for the moeplex runtime and for "
-        "transformers' generate in one run, alternating, with the same thread count; report the weight bytes "
-        "streamed per token and the fraction of the streaming bandwidth measured in the same run.",
-    )
-    decode.add_argument("--model", type=Path, help="checkpoint folder (default: bench demo base, built if missing)")
-    decode.add_argument("--json", type=Path, help="write the results as JSON here")
-    decode.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    decode.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (default: 32)")
-    decode.add_argument("--repeats", type=int, default=3, help="alternating timed runs per system (default: 3)")
-    decode.add_argument("--threads", type=int, default=2, help="torch threads for both systems (default: 2)")
-    decode.add_argument("--profile", action="store_true", help="also profile moeplex's decode at the first batch size and print the top operators")
-    decode.set_defaults(handler=_bench_decode)
-    from moeplex.bench.serve_options import add_bench_serve_options
-
-    serve = bench_commands.add_parser(
-        "serve",
-        help="throughput and time to first token: 4 variants vs 1 through the HTTP API",
-        description="Serve 4 variants with a uniform request mix and 1 variant with the same requests, in one run, "
-        "alternating: closed-loop throughput and open-loop Poisson time to first token; plus a run with one "
-        "resident backbone reporting switch cost.",
-    )
-    add_bench_serve_options(serve)
-    serve.set_defaults(handler=_bench_serve)
-    from moeplex.quant.bench_options import add_bench_quant_options
-
-    quant = bench_commands.add_parser(
-        "quant",
-        help="decode tokens/s with every expert int4 / int8 vs bf16, everything resident",
-        description="On a bench-size model, decode at batch 1 with every expert bf16, int8 and int4 (weight-only), "
-        "in one run, alternating, with the same thread count; report the speedups, expert bytes per token and "
-        "the fraction of the streaming bandwidth measured in the same run.",
-    )
-    add_bench_quant_options(quant)
-    quant.set_defaults(handler=_bench_quant)
-    from moeplex.offload.bench_options import add_bench_offload_options
-
-    offload = bench_commands.add_parser(
-        "offload",
-        help="decode tokens/s with experts offloaded to disk: LRU, LFU, moeplex (predict + prefetch), resident",
-        description="On the bench demo family's store, cold page cache, at device budgets of 25%% and 50%% of the "
-        "expert bytes, in one run, alternating: on-demand + LRU, on-demand + LFU, moeplex (prediction + prefetch + "
-        "trace-aware eviction) and fully resident; hit rates, prefetch accuracy, bytes per token, prediction recall.",
-    )
-    add_bench_offload_options(offload)
-    offload.set_defaults(handler=_bench_offload)
-
-
-def _bench_decode(args) -> int:
-    from moeplex.bench.decode import DecodeSettings, format_table, run_decode_benchmark
-
-    model = args.model
-    if model is None:
-        from moeplex.demo import build_demo_family
-
-        model = build_demo_family(size="bench").base
-    settings = DecodeSettings(
-        batch_sizes=tuple(args.batch_sizes), new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads,
-        profile=args.profile,
-    )
-    result = run_decode_benchmark(model, settings)
-    print(format_table(result))
-    _write_json(args.json, result)
-    return 0
-
-
-def _bench_serve(args) -> int:
-    from moeplex.bench.serve_options import run_from_options
-
-    run_from_options(args)
-    return 0
-
-
-def _bench_offload(args) -> int:
-    from moeplex.offload.bench_options import run_from_options
-
-    run_from_options(args)
-    return 0
-
-
-def _bench_quant(args) -> int:
-    from moeplex.quant.bench_options import run_from_options
-
-    run_from_options(args)
-    return 0
+    add_bench_commands(bench.add_subparsers(title="benchmarks", metavar="BENCHMARK"))
 
 
 def _add_plan(commands) -> None:
@@ -349,13 +263,6 @@ def _plan(args) -> int:
     from moeplex.planner.options import run_from_options
 
     return run_from_options(args)
-
-
-def _write_json(path: Path | None, data: dict) -> None:
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2) + "\n")
-        print(f"wrote {path}")
 
 
 def _add_serve(commands) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from moeplex.bench.options import add_json_option, add_threads_option, publish
 
 
 @dataclass(frozen=True)
@@ -23,15 +24,15 @@ class ServeBenchSettings:
     seed: int = 0
 
 
-def add_bench_serve_options(parser: argparse.ArgumentParser) -> None:
+def add_options(parser: argparse.ArgumentParser) -> None:
     defaults = ServeBenchSettings()
     parser.add_argument("--store", type=Path, help="store to serve (default: the tiny demo family's identity store, built if missing)")
-    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    add_json_option(parser)
     parser.add_argument("--concurrency", type=int, default=defaults.concurrency, help=f"closed-loop clients (default: {defaults.concurrency})")
     parser.add_argument("--requests", type=int, default=defaults.closed_loop_requests, help=f"requests per closed-loop run (default: {defaults.closed_loop_requests})")
     parser.add_argument("--output-tokens", type=int, default=defaults.output_tokens, help=f"tokens per completion (default: {defaults.output_tokens})")
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help=f"alternating runs per system (default: {defaults.repeats})")
-    parser.add_argument("--threads", type=int, default=defaults.threads, help=f"torch threads (default: {defaults.threads})")
+    add_threads_option(parser, defaults.threads)
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default=defaults.dtype, help=f"compute dtype (default: {defaults.dtype})")
 
 
@@ -44,9 +45,4 @@ def run_from_options(args: argparse.Namespace) -> dict:
         repeats=args.repeats, threads=args.threads, dtype=args.dtype,
     )
     result = run_serve_benchmark(args.store or default_store(), settings)
-    print(format_table(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    return result
+    return publish(format_table(result), result, args.json)

@@ -32,7 +32,11 @@ def group_tokens_by_expert(expert_ids: torch.Tensor) -> list[tuple[int, torch.Te
     top_k = expert_ids.shape[1]
     flat = expert_ids.flatten()  # [T*k]
     if flat.numel() == top_k:  # one token: no sort needed
-        return [(int(e), torch.zeros(1, dtype=torch.long), torch.tensor([slot])) for slot, e in enumerate(flat.tolist())]
+        device = expert_ids.device
+        return [
+            (int(e), torch.zeros(1, dtype=torch.long, device=device), torch.tensor([slot], device=device))
+            for slot, e in enumerate(flat.tolist())
+        ]
     order = torch.argsort(flat, stable=True)
     experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
     groups = []

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from moeplex.bench.options import add_json_option, add_threads_option, publish
 
 
 @dataclass(frozen=True)
@@ -22,17 +23,17 @@ class OffloadBenchSettings:
     seed: int = 0
 
 
-def add_bench_offload_options(parser: argparse.ArgumentParser) -> None:
+def add_options(parser: argparse.ArgumentParser) -> None:
     defaults = OffloadBenchSettings()
     parser.add_argument("--store", type=Path, help="store to offload from (default: identity store of the bench demo family, built if missing)")
-    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    add_json_option(parser)
     parser.add_argument("--budgets", type=float, nargs="+", default=list(defaults.budgets), help="device budgets as fractions of the expert bytes (default: 0.25 0.5)")
     parser.add_argument("--new-tokens", type=int, default=defaults.new_tokens, help=f"tokens per request (default: {defaults.new_tokens})")
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help=f"measured requests per system and budget (default: {defaults.repeats})")
     parser.add_argument("--window", type=int, default=defaults.window, help=f"sparse layers predicted ahead (default: {defaults.window})")
     parser.add_argument("--min-probability", type=float, default=defaults.min_probability, help=f"prefetch experts at least this likely (default: {defaults.min_probability})")
     parser.add_argument("--score-threshold", type=float, default=defaults.score_threshold, help=f"experts at least this likely count as predicted in precision/recall (default: {defaults.score_threshold})")
-    parser.add_argument("--threads", type=int, default=defaults.threads, help=f"torch threads (default: {defaults.threads})")
+    add_threads_option(parser, defaults.threads)
 
 
 def run_from_options(args: argparse.Namespace) -> dict:
@@ -44,9 +45,4 @@ def run_from_options(args: argparse.Namespace) -> dict:
         min_probability=args.min_probability, score_threshold=args.score_threshold, threads=args.threads,
     )
     result = run_offload_benchmark(args.store or bench_store(), settings)
-    print(format_table(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    return result
+    return publish(format_table(result), result, args.json)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from moeplex.bench.options import add_json_option, add_threads_option
 from moeplex.quant.formats import DEFAULT_GROUP_SIZE, GROUP_SIZES
+from moeplex.results import write_json
 
 
 @dataclass(frozen=True)
@@ -24,13 +25,13 @@ PARTS = ("speed", "selection", "frontier")
 FRONTIER_STEPS = 8  # int4 / int8 counts at eighths of the experts: 45 configurations
 
 
-def add_bench_quant_options(parser: argparse.ArgumentParser) -> None:
+def add_options(parser: argparse.ArgumentParser) -> None:
     defaults = QuantBenchSettings()
     parser.add_argument("--model", type=Path, help="checkpoint folder (default: bench demo base, built if missing)")
-    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    add_json_option(parser)
     parser.add_argument("--new-tokens", type=int, default=defaults.new_tokens, help=f"tokens generated per run (default: {defaults.new_tokens})")
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help=f"alternating timed runs per precision (default: {defaults.repeats})")
-    parser.add_argument("--threads", type=int, default=defaults.threads, help=f"torch threads for every precision (default: {defaults.threads})")
+    add_threads_option(parser, defaults.threads, applies_to="every precision")
     parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=defaults.group_size, help=f"int4 group size (default: {defaults.group_size})")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="speed: all int4 / int8 vs bf16 on the bench model; selection and frontier: on --store (default: all)")
@@ -45,10 +46,7 @@ def run_from_options(args: argparse.Namespace) -> dict:
         result.update(_run_speed(args))
     if {"selection", "frontier"} & set(args.parts):
         result.update(_run_store_parts(args))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
     return result
 
 

@@ -23,8 +23,16 @@ def int4_pack(q: torch.Tensor) -> torch.Tensor:
     """Unsigned 4-bit values q [N, K] (0..15, any integer dtype) -> the device's tinygemm tensor."""
     if q.device.type == "cuda":
         two_per_byte = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # [N, K/2]
-        return torch._convert_weight_to_int4pack(two_per_byte, INT4_INNER_K_TILES)
+        return torch._convert_weight_to_int4pack(two_per_byte, cuda_inner_k_tiles(q.shape[1]))
     return torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), INT4_INNER_K_TILES)  # [N, K/2] uint8
+
+
+def cuda_inner_k_tiles(in_features: int) -> int:
+    """The CUDA layout's tiles of 16 input channels per inner step: it needs K to be a multiple of 16 x tiles."""
+    for tiles in (INT4_INNER_K_TILES, 4, 2):
+        if in_features % (16 * tiles) == 0:
+            return tiles
+    raise ValueError(f"CUDA int4 needs a multiple of 32 input channels, not {in_features}")
 
 
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
