@@ -11,7 +11,9 @@ from transformers import DynamicCache
 
 from moeplex.engine import Engine, EngineConfig
 from moeplex.model.attention import SequenceChunk
+from moeplex.model.generate import generate
 from moeplex.model.runtime import load_model
+from moeplex.model.sampling import SamplingParams
 from moeplex.quant.experts import QuantizedExperts
 from moeplex.quant.int4 import quantize_int4
 from moeplex.quant.int8 import quantize_int8
@@ -80,7 +82,8 @@ def test_quantized_experts_on_cuda_match_the_same_experts_on_cpu(hf_checkpoint, 
         every_expert = {(layer, e): precision for e in range(spec.num_experts)}
         experts = QuantizedExperts.from_dense(dense, every_expert, group_size=32)
         outputs[device] = experts(layer, hidden.to(device), expert_ids.to(device), routing_weights.to(device)).float().cpu()
-    assert relative_error(outputs["cuda"], outputs["cpu"]) < 1e-2, name  # bf16 kernels accumulate differently
+    difference = float((outputs["cuda"] - outputs["cpu"]).norm() / outputs["cpu"].norm())
+    assert difference < 1e-2, name  # bf16 kernels round differently (measured ~0.5%); a wrong layout gives ~1
 
 
 def test_engine_on_cuda_serves_a_mixed_variant_batch_like_each_variant_alone(tmp_path):
@@ -89,3 +92,12 @@ def test_engine_on_cuda_serves_a_mixed_variant_batch_like_each_variant_alone(tmp
     requests = make_requests(store)
     assert run_engine(engine, requests, join_after=2) == alone(store, requests)
     assert engine.kv_budget.used_bytes == 0
+
+
+def test_seeded_sampling_on_cuda_draws_the_same_tokens_as_on_cpu(hf_checkpoint):
+    name, folder, hf_model = hf_checkpoint
+    prompt = torch.randint(0, hf_model.config.vocab_size, (9,)).tolist()
+    params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, top_k=20, seed=1234, ignore_eos=True)
+    tokens = {device: generate(load_model(folder, dtype=torch.float32, device=device), [prompt], params)[0].token_ids
+              for device in ("cpu", "cuda")}
+    assert tokens["cuda"] == tokens["cpu"], name

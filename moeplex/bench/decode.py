@@ -37,6 +37,7 @@ class DecodeSettings:
     threads: int = 2
     seed: int = 0
     profile: bool = False  # also profile moeplex's decode at the first batch size
+    device: str = "cpu"
 
 
 def weight_bytes_per_token(model: MoEModel, prompts: list[list[int]], new_tokens: int) -> float:
@@ -57,15 +58,16 @@ def weight_bytes_per_token(model: MoEModel, prompts: list[list[int]], new_tokens
 
 def run_decode_benchmark(checkpoint: Path, settings: DecodeSettings, progress=print) -> dict:
     torch.set_num_threads(settings.threads)
-    progress(f"loading {checkpoint} (bf16) into moeplex and transformers")
-    ours = load_model(checkpoint, dtype=torch.bfloat16, progress=True)
-    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
+    progress(f"loading {checkpoint} (bf16) into moeplex and transformers on {settings.device}")
+    ours = load_model(checkpoint, dtype=torch.bfloat16, device=settings.device, progress=True)
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).to(settings.device).eval()
     generator = torch.Generator().manual_seed(settings.seed)
     vocab = ours.spec.vocab_size
-    bandwidth = streaming_bandwidth()
+    bandwidth = streaming_bandwidth(device=settings.device)
     result = {
         "model": str(checkpoint),
         "parameters": sum(p.numel() for p in reference.parameters()),
+        "device": settings.device,
         "threads": settings.threads,
         "new_tokens": settings.new_tokens,
         "prompt_tokens": settings.prompt_tokens,
@@ -77,7 +79,7 @@ def run_decode_benchmark(checkpoint: Path, settings: DecodeSettings, progress=pr
         "greedy_agreement": {},
     }
     for batch in settings.batch_sizes:
-        prompts = torch.randint(3, vocab, (batch, settings.prompt_tokens), generator=generator)
+        prompts = torch.randint(3, vocab, (batch, settings.prompt_tokens), generator=generator).to(settings.device)
         progress(f"batch {batch}: timing {settings.repeats} alternating runs of {settings.new_tokens} tokens")
         samples = alternate(_runs(ours, reference, prompts, settings.new_tokens), settings.repeats)
         decoded = batch * (settings.new_tokens - 1)
@@ -141,7 +143,7 @@ def _greedy_agreement(ours: MoEModel, reference, prompts: torch.Tensor, new_toke
 def format_table(result: dict) -> str:
     lines = [
         f"model: {result['model']} ({result['parameters'] / 1e6:.0f}M parameters, bf16), "
-        f"threads: {result['threads']}, stream bandwidth: {result['stream_bandwidth_gb_s']:.1f} GB/s",
+        f"{result.get('device', 'cpu')}, threads: {result['threads']}, stream bandwidth: {result['stream_bandwidth_gb_s']:.1f} GB/s",
         f"{'batch':>5} {'moeplex tok/s':>14} {'transformers tok/s':>19} {'speedup':>8} {'MB/token':>9} {'roofline':>9} {'agree':>6}",
     ]
     for key in result["speedup_vs_transformers"]:

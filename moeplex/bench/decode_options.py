@@ -15,6 +15,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (default: 32)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating timed runs per system (default: 3)")
     add_threads_option(parser, default=2, applies_to="both systems")
+    parser.add_argument("--device", default="cpu", help="where both systems run: cpu or cuda (default: cpu)")
     parser.add_argument("--profile", action="store_true", help="also profile moeplex's decode at the first batch size and print the top operators")
 
 
@@ -29,7 +30,7 @@ def run_from_options(args: argparse.Namespace) -> dict:
         model = build_demo_family(size="bench").base
     settings = DecodeSettings(
         batch_sizes=tuple(args.batch_sizes), new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads,
-        profile=args.profile,
+        profile=args.profile, device=args.device,
     )
     result = run_decode_benchmark(model, settings)
     return publish(format_table(result), result, args.json)

@@ -11,8 +11,11 @@ import torch.nn.functional as F
 
 
 def timed(fn: Callable[[], object]) -> float:
+    """Wall-clock seconds of fn(), including the GPU work it queued."""
     start = time.perf_counter()
     fn()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -32,11 +35,11 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def streaming_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7) -> float:
+def streaming_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7, device="cpu") -> float:
     """Bytes/s of a GEMV streaming an fp32 weight far larger than the caches (the decode roofline)."""
     rows = nbytes // 4 // 4096
-    weight = torch.randn(rows, 4096)
-    x = torch.randn(1, 4096)
+    weight = torch.randn(rows, 4096, device=device)
+    x = torch.randn(1, 4096, device=device)
     F.linear(x, weight)
     seconds = median([timed(lambda: F.linear(x, weight)) for _ in range(repeats)])
     return weight.numel() * weight.element_size() / seconds

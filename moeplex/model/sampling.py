@@ -65,8 +65,8 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from logits [V]."""
+    """One token id from logits [V] on any device; sampling runs on the CPU, where each sequence's generator is."""
     if params.greedy:
         return int(torch.argmax(logits))
-    probs = torch.softmax(filter_logits(logits, params), dim=-1)
+    probs = torch.softmax(filter_logits(logits.cpu(), params), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
