@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+
+from moeplex.offload.config import OffloadConfig
 
 POLICIES = ("fcfs", "variant-fair")
 
@@ -17,7 +20,14 @@ class EngineConfig:
     backbone_budget_bytes: device bytes for resident backbones; None keeps every variant's backbone.
     max_model_len: longest prompt + completion in tokens; None takes the model's position limit.
     max_pending_requests: running + waiting sequences beyond which new requests are refused.
-    use_placement: quantize experts as the store's placement.json (written by `moeplex plan`) says, if it has one.
+    use_placement: quantize experts as the store's placement.json (written by `moeplex plan`) says, if it has one
+        (resident experts only: offloaded experts run in the compute dtype).
+    expert_budget_bytes: device bytes for compute-ready routed experts; None keeps every expert resident. With a
+        budget, all variants' experts come from one ExpertPool over the store (each stored expert once), fetched
+        by layer as the routers ask for them; at least one expert must fit.
+    offload: the other offloading settings (host budget, eviction policy, prediction, prefetch); its device_budget
+        is replaced by expert_budget_bytes. None: OffloadConfig's defaults.
+    threads: torch.set_num_threads (process-wide) when the engine starts; None leaves torch's default.
     """
 
     dtype: torch.dtype = torch.bfloat16
@@ -31,6 +41,9 @@ class EngineConfig:
     max_pending_requests: int = 256
     max_model_len: int | None = None
     use_placement: bool = True
+    expert_budget_bytes: int | None = None
+    offload: OffloadConfig | None = None
+    threads: int | None = None
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -39,3 +52,14 @@ class EngineConfig:
             raise ValueError("need max_num_seqs >= 1 and max_num_batched_tokens >= max_num_seqs")
         if self.kv_initial_tokens < 1 or self.max_pending_requests < 1:
             raise ValueError("kv_initial_tokens and max_pending_requests must be >= 1")
+        if self.expert_budget_bytes is not None and self.expert_budget_bytes < 1:
+            raise ValueError(f"expert_budget_bytes must be positive, got {self.expert_budget_bytes}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+    @property
+    def offload_config(self) -> OffloadConfig | None:
+        """The offloading settings in force: None when every expert is resident."""
+        if self.expert_budget_bytes is None:
+            return None
+        return dataclasses.replace(self.offload or OffloadConfig(device_budget=self.expert_budget_bytes), device_budget=self.expert_budget_bytes)

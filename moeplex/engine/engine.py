@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 import time
@@ -13,6 +14,7 @@ import torch
 from moeplex.consolidate.family_spec import FREE_SPEC_FIELDS
 from moeplex.engine.backbones import BackboneResidency, SwitchStats
 from moeplex.engine.config import EngineConfig
+from moeplex.engine.experts import BankStepExperts, OffloadedStepExperts, StepExperts
 from moeplex.engine.kv_budget import KVCacheBudget, kv_bytes_per_token
 from moeplex.engine.model_runner import MixedVariantRunner, VariantGroup
 from moeplex.engine.outputs import RequestOutput
@@ -24,6 +26,7 @@ from moeplex.model.attention import SequenceChunk
 from moeplex.model.kv_cache import SequenceKVCache
 from moeplex.model.sampling import SamplingParams, sample_token
 from moeplex.model.stopping import append_token
+from moeplex.offload.pool import ExpertUnavailableError, PoolStats
 from moeplex.planner.placement import apply_placement
 from moeplex.store.layout import TOKENIZER
 from moeplex.store.reader import StoreReader
@@ -40,6 +43,8 @@ class EngineStats:
     resident_backbones: tuple[str, ...]
     switches: SwitchStats
     expert_bytes: dict[str, int]  # tier -> bytes of resident experts
+    failed: int = 0  # sequences ended with an error (an expert they needed could not be read)
+    offload: PoolStats | None = None  # the expert pool's counters; None when every expert is resident
 
 
 def load_store_tokenizer(store: Path):
@@ -57,6 +62,8 @@ class Engine:
 
     def __init__(self, store: str | Path, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
         reader = StoreReader(store)
         self.variants = reader.variants
         self.base = reader.base
@@ -68,13 +75,9 @@ class Engine:
         self.max_model_len = config.max_model_len or min(spec.max_position_embeddings for spec in specs.values())
         self.eos_ids = {variant: set(spec.eos_token_ids) for variant, spec in specs.items()}
         self.tokenizer = load_store_tokenizer(reader.path)
-        tables = {variant: reader.expert_table(variant) for variant in self.variants}
-        used = [expert_id for table in tables.values() for row in table if row for expert_id in row]
-        bank = reader.load_expert_bank(used, self.spec, config.dtype, config.device)
-        self.placement = apply_placement(reader.path, bank) if config.use_placement else None
-        self.runner = MixedVariantRunner(
-            self.spec, bank, {v: bank.rows(t, config.device) for v, t in tables.items()}, config.dtype, config.device
-        )
+        self.placement = None
+        self.offloaded: OffloadedStepExperts | None = None
+        self.runner = MixedVariantRunner(self.spec, self._make_experts(reader), config.dtype, config.device)
         self.backbones = self._make_residency(reader)
         element_size = torch.empty((), dtype=config.dtype).element_size()
         self.kv_budget = KVCacheBudget(config.kv_cache_bytes, kv_bytes_per_token(self.spec, element_size), config.kv_initial_tokens)
@@ -93,6 +96,20 @@ class Engine:
         self._sequences: dict[int, Sequence] = {}
         self._ids = itertools.count()
         self.num_aborted = 0
+        self.num_failed = 0
+
+    def _make_experts(self, reader: StoreReader) -> StepExperts:
+        """Every expert resident in one bank, or (with an expert budget) served from one pool over the store."""
+        config = self.config
+        tables = {variant: reader.expert_table(variant) for variant in self.variants}
+        offload = config.offload_config
+        if offload is not None:
+            self.offloaded = OffloadedStepExperts(reader.path, reader.manifest, self.spec, tables, offload, config.dtype, config.device)
+            return self.offloaded
+        used = [expert_id for table in tables.values() for row in table if row for expert_id in row]
+        bank = reader.load_expert_bank(used, self.spec, config.dtype, config.device)
+        self.placement = apply_placement(reader.path, bank) if config.use_placement else None
+        return BankStepExperts(bank, tables, config.device)
 
     def _make_residency(self, reader: StoreReader) -> BackboneResidency:
         identical = IdenticalTensorPool()
@@ -123,13 +140,20 @@ class Engine:
         self.scheduler.add(seq)
         return seq.seq_id
 
-    def abort(self, seq_id: int) -> RequestOutput | None:
-        """Cancel a sequence and free its cache; its final output (finish_reason 'abort'), or None if unknown."""
+    def abort(self, seq_id: int, error: str | None = None) -> RequestOutput | None:
+        """Cancel a sequence and free its cache; its final output, or None if unknown.
+
+        finish_reason is 'abort', or 'error' when an error message is given (the output carries it).
+        """
         seq = self._sequences.pop(seq_id, None)
         if seq is None:
             return None
-        seq.completion.finish_reason = "abort"
-        self.num_aborted += 1
+        seq.completion.finish_reason = "abort" if error is None else "error"
+        seq.error = error
+        if error is None:
+            self.num_aborted += 1
+        else:
+            self.num_failed += 1
         self.scheduler.finish(seq)
         return RequestOutput.of(seq)
 
@@ -153,7 +177,30 @@ class Engine:
             chunks = [c for c in plan.chunks if c.seq.variant == variant]
             groups.append(VariantGroup(variant, backbones[variant], self._step_tokens(chunks), [self._cache_chunk(c) for c in chunks]))
             group_chunks.append(chunks)
-        logits = self.runner.forward(groups)
+        if self.offloaded is not None:
+            self.offloaded.begin_step({variant: backbones[variant] for variant in plan.variants})
+        try:
+            logits = self.runner.forward(groups)
+        except ExpertUnavailableError as exc:
+            outputs = self._fail_sequences_needing(exc, [chunk for chunks in group_chunks for chunk in chunks])
+        else:
+            outputs = self._sample_step(group_chunks, logits)
+        if self.offloaded is not None:
+            self.offloaded.end_idle({seq.variant for seq in self._sequences.values()})
+        return outputs
+
+    def _fail_sequences_needing(self, exc: ExpertUnavailableError, chunks: list[ScheduledChunk]) -> list[RequestOutput]:
+        """End with an error the sequences whose tokens needed the unreadable expert; the rest of the step runs again.
+
+        Nothing of the failed step is kept: no cache length moved and no token was counted as computed.
+        """
+        ends = list(itertools.accumulate(chunk.num_tokens for chunk in chunks))  # flat token rows, chunks in step order
+        failing = {chunks[bisect.bisect_right(ends, row)].seq.seq_id for row in exc.token_rows}
+        failing = failing or {chunk.seq.seq_id for chunk in chunks}
+        message = f"an expert this request needs could not be read: {exc}"
+        return [self.abort(seq_id, error=message) for seq_id in sorted(failing)]
+
+    def _sample_step(self, group_chunks: list[list[ScheduledChunk]], logits: list[torch.Tensor]) -> list[RequestOutput]:
         outputs = []
         for chunks, group_logits in zip(group_chunks, logits):
             for chunk, row in zip(chunks, group_logits):
@@ -164,6 +211,7 @@ class Engine:
         return outputs
 
     def stats(self) -> EngineStats:
+        pool_stats, expert_bytes = self.runner.experts.snapshot()
         return EngineStats(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
@@ -173,11 +221,15 @@ class Engine:
             aborted=self.num_aborted,
             resident_backbones=tuple(self.backbones.resident),
             switches=dataclasses.replace(self.backbones.stats),
-            expert_bytes={"device": self.runner.bank.nbytes},
+            expert_bytes=expert_bytes,
+            failed=self.num_failed,
+            offload=pool_stats,
         )
 
     def close(self) -> None:
         self.backbones.close()
+        if self.offloaded is not None:
+            self.offloaded.close()
 
     def _prefetch_next_variant(self) -> None:
         """Start loading the backbone of the first queued sequence whose variant is not resident."""

@@ -8,13 +8,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moeplex.engine.experts import RoutedTokens, StepExperts
 from moeplex.model.attention import SequenceChunk, attention
 from moeplex.model.ops import linear, rms_norm, swiglu_mlp
 from moeplex.model.rope import RotaryEmbedding
 from moeplex.model.runtime import add_shared_expert, chunk_positions, last_token_rows, route
 from moeplex.model.spec import ModelSpec
 from moeplex.model.weights import Backbone
-from moeplex.store.experts import BANK_LAYER, ExpertBank
+from moeplex.store.experts import ExpertBank
 
 
 @dataclass
@@ -55,15 +56,20 @@ class MixedVariantRunner:
 
     Embeddings, attention, norms, routers, shared experts and lm_head use each group's own backbone;
     groups whose tensors for an operation are the same (see IdenticalTensorPool) run it together.
-    Routed experts run once per layer for all tokens of the step: each variant's router choice
-    (layer, e) becomes a row of the shared expert bank, so tokens of different variants routed to the
-    same stored expert are one matmul.
+    Routed experts run once per layer for all tokens of the step through the expert door
+    (`moeplex.engine.experts`): each variant's router choice (layer, e) becomes a stored expert, so
+    tokens of different variants routed to the same stored expert are one matmul.
     """
 
-    def __init__(self, spec: ModelSpec, bank: ExpertBank, bank_rows: dict[str, list[torch.Tensor | None]], dtype: torch.dtype, device="cpu"):
-        self.spec, self.bank, self.bank_rows = spec, bank, bank_rows
+    def __init__(self, spec: ModelSpec, experts: StepExperts, dtype: torch.dtype, device="cpu"):
+        self.spec, self.experts = spec, experts
         self.dtype, self.device = dtype, torch.device(device)
         self.rope = RotaryEmbedding(spec, device=self.device)
+
+    @property
+    def bank(self) -> ExpertBank | None:
+        """The resident expert bank; None when experts are offloaded."""
+        return getattr(self.experts, "bank", None)
 
     @torch.inference_mode()
     def forward(self, groups: list[VariantGroup]) -> list[torch.Tensor]:
@@ -110,8 +116,7 @@ class MixedVariantRunner:
             keys = [identities(w.dense_mlp.gate_up, w.dense_mlp.down) for w in weights]
             return [y for (y,) in run_by_weights(keys, lambda m, x: (swiglu_mlp(x, weights[m[0]].dense_mlp.gate_up, weights[m[0]].dense_mlp.down),), normed)]
         routing = run_by_weights([identities(w.router) for w in weights], lambda m, x: route(self.spec, x, weights[m[0]].router), normed)
-        bank_rows = [self.bank_rows[g.variant][layer][expert_ids] for g, (expert_ids, _) in zip(groups, routing)]  # [n_g, k]
-        routed = self.bank.compute(BANK_LAYER, torch.cat(normed), torch.cat(bank_rows), torch.cat([w for _, w in routing]))  # [T, H]
+        routed = self.experts(layer, [RoutedTokens(g.variant, x, ids, w) for g, x, (ids, w) in zip(groups, normed, routing)])  # [T, H]
         routed = list(torch.split(routed, [x.shape[0] for x in normed]))
         if weights[0].shared_expert is None:
             return routed

@@ -14,9 +14,10 @@ class RequestOutput:
     num_prompt_tokens: int
     token_ids: tuple[int, ...]
     text: str
-    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None  # "stop", "length", "abort", "error" or None while running
     logprobs: tuple[TokenLogprob, ...]
     times: SequenceTimes
+    error: str | None = None  # with finish_reason "error": what failed (e.g. an expert file that cannot be read)
 
     @property
     def finished(self) -> bool:
@@ -35,4 +36,5 @@ class RequestOutput:
             completion.finish_reason,
             tuple(seq.token_logprobs),
             times,
+            seq.error,
         )

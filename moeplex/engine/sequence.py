@@ -56,6 +56,7 @@ class Sequence:
         self.cache: SequenceKVCache | None = None
         self.token_logprobs: list[TokenLogprob] = []
         self.times = SequenceTimes()
+        self.error: str | None = None  # why it ended with finish_reason 'error'
 
     @property
     def prompt_ids(self) -> list[int]:

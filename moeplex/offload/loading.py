@@ -27,6 +27,32 @@ from moeplex.store.layout import MANIFEST
 from moeplex.store.reader import StoreReader
 
 
+def make_pool(source: ExpertSource, config: OffloadConfig, device="cpu") -> ExpertPool:
+    """An empty pool over the source with the config's budgets and eviction policy (weighted by expert bytes)."""
+    return ExpertPool(source, make_policy(config.policy, source.expert_nbytes), config.device_budget, config.host_budget, device)
+
+
+def make_forecaster(
+    spec: ModelSpec, backbone: Backbone, config: OffloadConfig, library: TraceLibrary, scorer: PredictionScorer | None = None
+) -> ExpertForecaster | None:
+    """A variant's forecaster (None when prediction is off); router look-ahead reads the later layers' routers of its backbone."""
+    if config.prediction == "none":
+        return None
+    tracer = ActivationTracer(library)
+    matcher = TraceMatcher(tracer, spec.top_k, config.trace_matches) if config.prediction in ("trace", "combined") else None
+    routers = [layer.router for layer in backbone.layers]
+    lookahead = RouterLookahead(routers, spec.top_k) if config.prediction in ("lookahead", "combined") else None
+    predictor = CombinedPredictor(matcher, lookahead, config.lookahead_weight)
+    return ExpertForecaster(spec.sparse_layers, tracer, predictor, config.window, scorer)
+
+
+def load_store_library(store: Path, spec: ModelSpec, config: OffloadConfig) -> TraceLibrary:
+    """The store's saved trace library (`<store>/traces/`) when it has one, else an empty one."""
+    if (store / TRACES_FOLDER).is_dir():
+        return TraceLibrary.load(store / TRACES_FOLDER, config.trace_capacity)
+    return TraceLibrary(spec.num_layers, spec.num_experts, config.trace_capacity)
+
+
 def build_offloaded_experts(
     spec: ModelSpec,
     backbone: Backbone,
@@ -37,20 +63,10 @@ def build_offloaded_experts(
     scorer: PredictionScorer | None = None,
     device="cpu",
 ) -> OffloadedExperts:
-    """The expert door of one variant: its pool, and (per config) forecaster and prefetcher.
-
-    Router look-ahead reads the later layers' routers from the variant's backbone.
-    """
-    pool = ExpertPool(source, make_policy(config.policy, source.expert_nbytes), config.device_budget, config.host_budget, device)
-    forecaster = None
-    if config.prediction != "none":
-        library = library or TraceLibrary(spec.num_layers, spec.num_experts, config.trace_capacity)
-        tracer = ActivationTracer(library)
-        matcher = TraceMatcher(tracer, spec.top_k, config.trace_matches) if config.prediction in ("trace", "combined") else None
-        routers = [layer.router for layer in backbone.layers]
-        lookahead = RouterLookahead(routers, spec.top_k) if config.prediction in ("lookahead", "combined") else None
-        predictor = CombinedPredictor(matcher, lookahead, config.lookahead_weight)
-        forecaster = ExpertForecaster(spec.sparse_layers, tracer, predictor, config.window, scorer)
+    """The expert door of one variant: its pool, and (per config) forecaster and prefetcher."""
+    pool = make_pool(source, config, device)
+    library = library if library is not None else TraceLibrary(spec.num_layers, spec.num_experts, config.trace_capacity)
+    forecaster = make_forecaster(spec, backbone, config, library, scorer)
     prefetcher = Prefetcher(pool) if config.prefetch else None
     return OffloadedExperts(table, pool, forecaster, prefetcher, config.min_probability)
 
@@ -76,8 +92,7 @@ def load_offloaded_model(
         backbone = reader.load_backbone(variant, dtype, device)
         table: KeyTable = reader.expert_table(variant)
         source: ExpertSource = StoreExpertSource(path, reader.manifest, spec, dtype)
-        if (path / TRACES_FOLDER).is_dir():
-            library = TraceLibrary.load(path / TRACES_FOLDER, config.trace_capacity)
+        library = load_store_library(path, spec, config)
     else:
         family, checkpoint, spec = open_checkpoint(path)
         backbone = load_backbone(family, checkpoint, spec, dtype, device)

@@ -1,9 +1,17 @@
-"""`OffloadedExperts`: the runtime's expert door over an ExpertPool, with tracing, prediction and prefetch."""
+"""Routed experts run from an ExpertPool: `PooledExperts` (shared dispatch, prefetch planning) and `OffloadedExperts`.
+
+`PooledExperts` is the one dispatch path over a pool: tokens grouped by pool key, the keys made
+resident in chunks that fit the device budget, then each expert runs once on all of its tokens. It
+also turns forecasts into reuse estimates for the trace-aware policy and into prefetch requests. The
+single-model door (`OffloadedExperts`) and the serving engine's mixed-variant door
+(`moeplex.engine.experts.OffloadedStepExperts`) both use it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -11,16 +19,118 @@ from moeplex.model.experts import group_tokens_by_expert
 from moeplex.model.ops import swiglu_mlp
 from moeplex.offload.forecast import ExpertForecaster, Outlook
 from moeplex.offload.policies import TraceAwarePolicy
-from moeplex.offload.pool import ExpertPool
+from moeplex.offload.pool import ExpertPool, ExpertUnavailableError
 from moeplex.offload.prefetcher import Prefetcher, PrefetchRequest
 from moeplex.offload.reuse import reuse_rates
 
 # Per layer, the pool key of each expert index (store ids, or (layer, e) for a checkpoint); None for dense layers.
 KeyTable = list[list[Hashable] | None]
+Positions = dict[Hashable, list[tuple[int, int]]]
+
+
+def key_positions(table: KeyTable) -> Positions:
+    """The (layer, expert index) positions of each key of a table."""
+    positions: Positions = {}
+    for layer, keys in enumerate(table):
+        for expert, key in enumerate(keys or []):
+            positions.setdefault(key, []).append((layer, expert))
+    return positions
+
+
+@dataclass
+class Forecast:
+    """One variant's outlook after a layer routed, with the table and positions that turn it into pool keys."""
+
+    table: KeyTable
+    positions: Positions
+    outlook: Outlook
+
+
+class PooledExperts:
+    """Runs routed tokens on experts held in an ExpertPool; optionally owns a prefetcher over it."""
+
+    def __init__(self, pool: ExpertPool, keys: Sequence[Hashable], prefetcher: Prefetcher | None = None, min_probability: float = 0.8):
+        self.pool, self.prefetcher, self.min_probability = pool, prefetcher, min_probability
+        largest = max(pool.source.expert_nbytes(key) for key in keys)
+        if largest > pool.device_budget:
+            raise ValueError(f"the device budget ({pool.device_budget} bytes) is smaller than one expert ({largest} bytes)")
+
+    def plan(self, layer: int, forecasts: list[Forecast]) -> list[PrefetchRequest]:
+        """Give the trace-aware policy fresh reuse estimates; the prefetch requests the forecasts call for.
+
+        Reuse rates of a key add up over variants; the chance that the step needs a key is the union
+        over variants, 1 - prod(1 - p), at its nearest distance.
+        """
+        if isinstance(self.pool.policy, TraceAwarePolicy):
+            rates: dict[Hashable, float] = {}
+            for forecast in forecasts:
+                for key, rate in reuse_rates(forecast.outlook.need, layer, forecast.positions).items():
+                    rates[key] = rates.get(key, 0.0) + rate
+            self.pool.policy.set_reuse(rates)
+        if self.prefetcher is None:
+            return []
+        missing: dict[Hashable, tuple[float, int]] = {}  # key -> (probability that no variant needs it, distance)
+        for forecast in forecasts:
+            for request in self._variant_requests(forecast):
+                absent, distance = missing.get(request.key, (1.0, request.distance))
+                missing[request.key] = (absent * (1.0 - request.probability), min(distance, request.distance))
+        resident = self.pool.resident_keys()
+        return [PrefetchRequest(key, 1.0 - absent, distance) for key, (absent, distance) in missing.items() if key not in resident]
+
+    def run(
+        self, hidden: torch.Tensor, expert_ids: torch.Tensor, routing_weights: torch.Tensor, keys: Sequence[Hashable], prefetch: list[PrefetchRequest]
+    ) -> torch.Tensor:
+        """hidden [T, H] through experts expert_ids [T, k] (indices into keys), weighted by routing_weights [T, k].
+
+        The prefetch requests go to the prefetcher once the first chunk is resident. A key that cannot
+        be read raises ExpertUnavailableError with `token_rows`, the rows of hidden that needed it.
+        """
+        groups = group_tokens_by_expert(expert_ids)
+        out = torch.zeros_like(hidden)  # [T, H]
+        flat_weights = routing_weights.flatten()  # [T*k]
+        for index, chunk in enumerate(self._chunks(keys, groups)):
+            try:
+                resident = self.pool.ensure_resident([keys[expert] for expert, _, _ in chunk])
+            except ExpertUnavailableError as exc:
+                exc.token_rows = sorted({row for expert, rows, _ in groups if keys[expert] == exc.key for row in rows.tolist()})
+                raise
+            if index == 0 and self.prefetcher is not None:
+                self.prefetcher.submit(prefetch)
+            for (_, rows, slots), weights in zip(chunk, resident):
+                y = swiglu_mlp(hidden[rows], weights.gate_up, weights.down)  # [n, H]
+                out.index_add_(0, rows, (y * flat_weights[slots, None]).to(out.dtype))
+        return out
+
+    def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+
+    def _chunks(self, keys: Sequence[Hashable], groups: list) -> list[list]:
+        """The expert groups split so each chunk's experts fit the device budget together."""
+        chunks, current, used = [], [], 0
+        for group in groups:
+            nbytes = self.pool.source.expert_nbytes(keys[group[0]])
+            if current and used + nbytes > self.pool.device_budget:
+                chunks.append(current)
+                current, used = [], 0
+            current.append(group)
+            used += nbytes
+        return chunks + [current]
+
+    def _variant_requests(self, forecast: Forecast) -> list[PrefetchRequest]:
+        """Experts at least min_probability likely in the window; a key shared by positions once, at its best."""
+        outlook, best = forecast.outlook, {}
+        for target, distance, row in zip(outlook.targets, outlook.distances, outlook.window):
+            for expert in torch.nonzero(row >= self.min_probability).flatten().tolist():
+                request = PrefetchRequest(forecast.table[target][expert], float(row[expert]), distance)
+                known = best.get(request.key)
+                if known is None or request.order() < known.order():
+                    best[request.key] = request
+        return list(best.values())
 
 
 class OffloadedExperts:
-    """ExpertCompute whose weights come from an ExpertPool.
+    """ExpertCompute of one model whose weights come from an ExpertPool.
 
     Per sparse layer: the forecaster traces the router's choice and predicts the next layers; the
     trace-aware policy gets fresh reuse estimates; the layer's experts are made resident (in chunks
@@ -36,31 +146,24 @@ class OffloadedExperts:
         prefetcher: Prefetcher | None = None,
         min_probability: float = 0.8,
     ):
-        self.table, self.pool, self.forecaster, self.prefetcher = table, pool, forecaster, prefetcher
-        self.min_probability = min_probability
-        self.positions: dict[Hashable, list[tuple[int, int]]] = {}
-        for layer, keys in enumerate(table):
-            for expert, key in enumerate(keys or []):
-                self.positions.setdefault(key, []).append((layer, expert))
-        largest = max(pool.source.expert_nbytes(key) for key in self.positions)
-        if largest > pool.device_budget:
-            raise ValueError(f"the device budget ({pool.device_budget} bytes) is smaller than one expert ({largest} bytes)")
+        self.table, self.forecaster = table, forecaster
+        self.positions = key_positions(table)
+        self.pooled = PooledExperts(pool, list(self.positions), prefetcher, min_probability)
+
+    @property
+    def pool(self) -> ExpertPool:
+        return self.pooled.pool
+
+    @property
+    def prefetcher(self) -> Prefetcher | None:
+        return self.pooled.prefetcher
 
     def __call__(self, layer, hidden, expert_ids, routing_weights):
-        groups = group_tokens_by_expert(expert_ids)
-        outlook = self.forecaster.observe(layer, hidden, expert_ids) if self.forecaster else None
-        if outlook is not None and isinstance(self.pool.policy, TraceAwarePolicy):
-            self.pool.policy.set_reuse(reuse_rates(outlook.need, layer, self.positions))
-        out = torch.zeros_like(hidden)  # [T, H]
-        flat_weights = routing_weights.flatten()  # [T*k]
-        for index, chunk in enumerate(self._chunks(layer, groups)):
-            resident = self.pool.ensure_resident([self.table[layer][expert] for expert, _, _ in chunk])
-            if index == 0 and outlook is not None and self.prefetcher is not None:
-                self.prefetcher.submit(self._prefetch_requests(outlook))
-            for (_, rows, slots), weights in zip(chunk, resident):
-                y = swiglu_mlp(hidden[rows], weights.gate_up, weights.down)  # [n, H]
-                out.index_add_(0, rows, (y * flat_weights[slots, None]).to(out.dtype))
-        return out
+        prefetch = []
+        if self.forecaster is not None:
+            outlook = self.forecaster.observe(layer, hidden, expert_ids)
+            prefetch = self.pooled.plan(layer, [Forecast(self.table, self.positions, outlook)])
+        return self.pooled.run(hidden, expert_ids, routing_weights, self.table[layer], prefetch)
 
     @contextmanager
     def request(self, variant: str) -> Iterator[None]:
@@ -75,31 +178,4 @@ class OffloadedExperts:
             self.forecaster.end_request()
 
     def close(self) -> None:
-        if self.prefetcher is not None:
-            self.prefetcher.close()
-
-    def _chunks(self, layer: int, groups: list) -> list[list]:
-        """The layer's expert groups split so each chunk's experts fit the device budget together."""
-        chunks, current, used = [], [], 0
-        for group in groups:
-            nbytes = self.pool.source.expert_nbytes(self.table[layer][group[0]])
-            if current and used + nbytes > self.pool.device_budget:
-                chunks.append(current)
-                current, used = [], 0
-            current.append(group)
-            used += nbytes
-        return chunks + [current]
-
-    def _prefetch_requests(self, outlook: Outlook) -> list[PrefetchRequest]:
-        """Non-resident experts at least min_probability likely in the window; a key shared by positions once, at its best."""
-        resident = self.pool.resident_keys()
-        best: dict[Hashable, PrefetchRequest] = {}
-        for target, distance, row in zip(outlook.targets, outlook.distances, outlook.window):
-            for expert in torch.nonzero(row >= self.min_probability).flatten().tolist():
-                request = PrefetchRequest(self.table[target][expert], float(row[expert]), distance)
-                if request.key in resident:
-                    continue
-                known = best.get(request.key)
-                if known is None or request.order() < known.order():
-                    best[request.key] = request
-        return list(best.values())
+        self.pooled.close()

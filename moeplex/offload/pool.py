@@ -12,11 +12,12 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
+import copy
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from moeplex.errors import MoeplexError
+from moeplex.errors import ExpertReadError, MoeplexError
 from moeplex.offload.policies import EvictionPolicy
 from moeplex.offload.sources import ExpertSource, ExpertWeights
 
@@ -49,6 +50,15 @@ class PoolStats:
 
     def as_dict(self) -> dict:
         return asdict(self) | {"hit_rate": self.hit_rate, "prefetch_accuracy": self.prefetch_accuracy}
+
+
+class ExpertUnavailableError(ExpertReadError):
+    """A demanded expert could not be fetched: `key` names it; dispatch adds `token_rows`, the tokens that needed it."""
+
+    def __init__(self, key: Hashable, message: str):
+        super().__init__(message)
+        self.key = key
+        self.token_rows: list[int] = []
 
 
 class HostTier:
@@ -132,6 +142,12 @@ class ExpertPool:
         with self._cond:
             return set(self._device)
 
+    def snapshot(self) -> tuple[PoolStats, dict[str, int]]:
+        """A copy of the counters and the bytes of experts held per tier (device, host), taken under the lock."""
+        with self._cond:
+            device = sum(weights.nbytes for weights in self._device.values())
+            return copy.deepcopy(self.stats), {"device": device, "host": self.host.used}
+
     def _demand(self, key: Hashable) -> ExpertWeights:
         nbytes = self.source.expert_nbytes(key)
         started, waited, from_host = time.perf_counter(), False, None
@@ -151,9 +167,11 @@ class ExpertPool:
             self.stats.misses += 1
         try:
             weights = self._fetch(key, from_host)
-        except BaseException:
+        except BaseException as exc:
             with self._cond:
                 self._abandon(key, nbytes)
+            if isinstance(exc, MoeplexError) and not isinstance(exc, ExpertUnavailableError):
+                raise ExpertUnavailableError(key, str(exc)) from exc
             raise
         with self._cond:
             self._install(key, weights)

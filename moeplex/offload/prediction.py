@@ -68,12 +68,12 @@ class RouterLookahead:
         self.routers, self.top_k = routers, top_k  # per layer [E, H], None for dense layers
 
     def predict(self, hidden: torch.Tensor, layers: list[int]) -> torch.Tensor:
-        """[len(layers), E] probability that the batch hidden [T, H] needs each expert."""
+        """[len(layers), E] probability that the batch hidden [T, H] needs each expert, on the CPU (like the traces)."""
         rows = []
         for layer in layers:
             probs = torch.softmax(linear(hidden, self.routers[layer]).float(), dim=-1)  # [T, E]
             rows.append(1.0 - torch.prod(1.0 - (self.top_k * probs).clamp(max=1.0), dim=0))
-        return torch.stack(rows)
+        return torch.stack(rows).cpu()
 
 
 class CombinedPredictor:

@@ -16,7 +16,7 @@ from fastapi.responses import Response, StreamingResponse
 from moeplex.engine import LLM, RequestOutput
 from moeplex.engine.sequence import TokenLogprob
 from moeplex.model.sampling import SamplingParams
-from moeplex.server.errors import APIError, install_error_handlers
+from moeplex.server.errors import APIError, generation_failed, install_error_handlers
 from moeplex.server.generation import GenerationJob
 from moeplex.server.metrics import ServerMetrics
 from moeplex.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -176,6 +176,9 @@ async def respond(job: GenerationJob, response: "ResponseFormat", body: Sampling
         return StreamingResponse(sse_events(job, response, body), media_type="text/event-stream")
     final: dict[int, RequestOutput] = {}
     async for index, output in job.outputs(disconnected=request.is_disconnected):
+        if output.finish_reason == "error":
+            job.cancel()  # the other choices are of no use now
+            return generation_failed(output.error).response()
         if output.finished:
             final[index] = output
     if len(final) < len(job.prompts):
@@ -186,6 +189,11 @@ async def respond(job: GenerationJob, response: "ResponseFormat", body: Sampling
 async def sse_events(job: GenerationJob, response: "ResponseFormat", body: SamplingFields) -> AsyncIterator[str]:
     final: dict[int, RequestOutput] = {}
     async for index, output in job.outputs():
+        if output.finish_reason == "error":  # the status line is sent already: an error event ends the stream
+            job.cancel()
+            yield event(generation_failed(output.error).body())
+            yield "data: [DONE]\n\n"
+            return
         if index not in response.started:
             response.started.add(index)
             opening = response.opening_chunk(index)

@@ -32,9 +32,16 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "invalid_request_error"), "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "invalid_request_error"), "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def generation_failed(message: str) -> APIError:
+    """A sequence the engine ended with an error (e.g. an expert it needed could not be read): 500, code 'generation_failed'."""
+    return APIError(500, message, code="generation_failed")
 
 
 def _parameter_name(location: tuple) -> str | None:

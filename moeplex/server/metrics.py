@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from moeplex.engine.engine import EngineStats
 from moeplex.engine.outputs import RequestOutput
+from moeplex.offload.pool import PoolStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -40,6 +41,32 @@ class EngineCollector:
         yield CounterMetricFamily("moeplex_backbone_prefetch_hits", "Switches served by a background load", value=switches.prefetch_hits)
         yield CounterMetricFamily("moeplex_preemptions", "Sequences preempted for KV cache space", value=stats.preemptions)
         yield CounterMetricFamily("moeplex_aborted_sequences", "Sequences cancelled before they finished", value=stats.aborted)
+        yield CounterMetricFamily("moeplex_failed_sequences", "Sequences ended by an error (an expert they needed could not be read)", value=stats.failed)
+        if stats.offload is not None:
+            yield from offload_metrics(stats.offload)
+
+
+def offload_metrics(pool: PoolStats):
+    """The expert pool's counters (only with offloading on)."""
+    demands = CounterMetricFamily("moeplex_expert_demands", "Experts a layer needed, by how they were found", labels=["result"])
+    for result, value in (("hit", pool.hits), ("miss", pool.misses), ("late_prefetch", pool.late_prefetches)):
+        demands.add_metric([result], value)
+    yield demands
+    yield GaugeMetricFamily("moeplex_expert_hit_rate", "Share of expert demands already on the device", value=pool.hit_rate)
+    yield GaugeMetricFamily("moeplex_expert_prefetch_accuracy", "Prefetched bytes used before eviction / prefetched bytes used or evicted", value=pool.prefetch_accuracy)
+    read = CounterMetricFamily("moeplex_expert_read_bytes", "Bytes of experts fetched, by the tier they came from", labels=["tier"])
+    for tier, value in pool.bytes_read.items():
+        read.add_metric([tier], value)
+    yield read
+    for name, doc, value in (
+        ("moeplex_expert_wait_seconds", "Time steps waited for experts to become resident", pool.wait_seconds),
+        ("moeplex_expert_evictions", "Experts evicted from the device", pool.evictions),
+        ("moeplex_expert_prefetched_bytes", "Bytes of experts prefetched", pool.prefetched_bytes),
+        ("moeplex_expert_prefetch_used_bytes", "Prefetched bytes that a layer then used", pool.prefetch_used_bytes),
+        ("moeplex_expert_prefetch_wasted_bytes", "Prefetched bytes evicted unused", pool.prefetch_wasted_bytes),
+        ("moeplex_expert_prefetch_errors", "Prefetches whose read failed", pool.prefetch_errors),
+    ):
+        yield CounterMetricFamily(name, doc, value=value)
 
 
 class ServerMetrics:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 MIB = 2**20
+POLICIES = ("lru", "lfu", "trace")
 
 
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +24,18 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone-budget-mib", type=int, help="device MiB for resident backbones (default: all variants resident)")
     parser.add_argument("--max-pending", type=int, default=256, help="running + waiting sequences before 429 (default: 256)")
     parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds running requests may take to finish on shutdown (default: 30)")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch threads for the engine (torch.set_num_threads; default: torch's default, usually one per core)")
+    offload = parser.add_argument_group(
+        "expert offloading",
+        "With --expert-budget-mib, routed experts are not all loaded: every variant's experts come from one pool over the "
+        "store's expert files (an expert shared by variants is held once), fetched layer by layer as the routers ask for "
+        "them, predicted from traces and the routers, and prefetched by a background thread. Any budget that holds one "
+        "expert works; smaller budgets read more from disk.",
+    )
+    offload.add_argument("--expert-budget-mib", type=float, metavar="MIB", help="device MiB for compute-ready experts (GPU memory on CUDA, RAM on CPU; default: every expert resident, no offloading)")
+    offload.add_argument("--host-budget-mib", type=float, metavar="MIB", help="MiB of host RAM (pinned on CUDA) that keeps experts evicted from the device, so they are not read from disk again (default: 0, none)")
+    offload.add_argument("--offload-policy", choices=POLICIES, help="expert eviction: lru, lfu, or trace (lowest predicted reuse x transfer cost; default)")
+    offload.add_argument("--no-prefetch", action="store_true", help="fetch experts only when a layer needs them (default: prefetch predicted experts)")
 
 
 def serve_from_options(args: argparse.Namespace) -> None:
@@ -34,9 +47,12 @@ def serve_from_options(args: argparse.Namespace) -> None:
     from moeplex.store import StoreReader
 
     reader = StoreReader(args.store)
-    model_limit = reader.spec(reader.variants[0]).max_position_embeddings
+    spec = reader.spec(reader.variants[0])
+    model_limit = spec.max_position_embeddings
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    expert_budget = offload_budget(args, spec.expert_numel * dtype.itemsize)
     config = EngineConfig(
-        dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32,
+        dtype=dtype,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=min(args.max_model_len, model_limit),
@@ -44,7 +60,36 @@ def serve_from_options(args: argparse.Namespace) -> None:
         backbone_budget_bytes=None if args.backbone_budget_mib is None else args.backbone_budget_mib * MIB,
         policy=args.policy,
         max_pending_requests=args.max_pending,
+        expert_budget_bytes=expert_budget,
+        offload=None if expert_budget is None else offload_config(args, expert_budget),
+        threads=args.threads,
     )
     settings = ServerSettings(api_key=args.api_key, drain_timeout_seconds=args.drain_timeout)
     print(f"serving {', '.join(reader.variants)} from {args.store} on http://{args.host}:{args.port}/v1", flush=True)
     serve(args.store, args.host, args.port, settings, config)
+
+
+def offload_budget(args: argparse.Namespace, expert_bytes: int) -> int | None:
+    """Device bytes for experts from --expert-budget-mib (None: all resident); ValueError when it cannot hold one expert."""
+    if args.expert_budget_mib is None:
+        given = [flag for flag, value in (("--host-budget-mib", args.host_budget_mib), ("--offload-policy", args.offload_policy), ("--no-prefetch", args.no_prefetch)) if value]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --expert-budget-mib")
+        return None
+    budget = int(args.expert_budget_mib * MIB)
+    if budget < expert_bytes:
+        raise ValueError(
+            f"--expert-budget-mib {args.expert_budget_mib:g} cannot hold one expert ({expert_bytes / MIB:.3f} MiB each in {args.dtype}); "
+            "give at least that much, or leave the flag out to keep every expert resident"
+        )
+    return budget
+
+
+def offload_config(args: argparse.Namespace, budget: int):
+    """OffloadConfig of the flags; with LRU or LFU and no prefetch nothing uses predictions, so none are made."""
+    from moeplex.offload.config import OffloadConfig
+
+    policy = args.offload_policy or "trace"
+    prediction = "none" if args.no_prefetch and policy != "trace" else "combined"
+    host = int((args.host_budget_mib or 0) * MIB)
+    return OffloadConfig(device_budget=budget, host_budget=host, policy=policy, prediction=prediction, prefetch=not args.no_prefetch)

@@ -1,0 +1,143 @@
+"""The serving engine with offloaded experts: one pool for all variants, greedy outputs as with every expert resident, read errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeplex.engine import Engine, EngineConfig
+from moeplex.errors import ExpertReadError
+from moeplex.offload.config import OffloadConfig
+from moeplex.store import StoreReader
+from tests import test_engine
+from tests.test_engine import GREEDY, make_requests, run_engine
+from tests.test_engine_store import one_torch_thread  # noqa: F401 (autouse fixture)
+
+SETTINGS = {
+    "moeplex": OffloadConfig(device_budget=1),  # trace-aware policy, combined prediction, prefetch
+    "lru": OffloadConfig(device_budget=1, policy="lru", prediction="none", prefetch=False),
+    "lookahead": OffloadConfig(device_budget=1, prediction="lookahead", window=3, min_probability=0.2),
+}
+any_store, store = test_engine.any_store, test_engine.store  # the engine tests' fixtures: Mixtral and Qwen2-MoE stores; a Mixtral store
+
+
+def expert_bytes(store) -> int:
+    return StoreReader(store).spec("base").expert_numel * 4
+
+
+def offloaded_engine(store, budget_experts: int, settings: OffloadConfig = SETTINGS["moeplex"], **overrides) -> Engine:
+    config = EngineConfig(
+        dtype=torch.float32, max_num_batched_tokens=24, max_num_seqs=8,
+        expert_budget_bytes=budget_experts * expert_bytes(store), offload=settings, **overrides,
+    )
+    return Engine(store, config)
+
+
+def resident_tokens(store, requests) -> list[list[int]]:
+    return run_engine(Engine(store, EngineConfig(dtype=torch.float32, max_num_batched_tokens=24, max_num_seqs=8)), requests)
+
+
+@pytest.mark.parametrize("budget_experts", [1, 3])  # one expert in all; about one per sparse layer
+def test_mixed_variant_greedy_equals_the_resident_engine(any_store, budget_experts):
+    requests = make_requests(any_store)
+    expected = resident_tokens(any_store, requests)
+    engine = offloaded_engine(any_store, budget_experts)
+    calls = []
+    run = engine.offloaded.pooled.run
+    engine.offloaded.pooled.run = lambda hidden, *rest: calls.append(hidden.shape[0]) or run(hidden, *rest)
+    steps = []
+    forward = engine.runner.forward
+    engine.runner.forward = lambda groups: steps.append(len(groups)) or forward(groups)
+    try:
+        assert run_engine(engine, requests, join_after=2) == expected
+        assert max(steps) == 3, "steps mixed all three variants"
+        assert len(calls) == sum(engine.spec.sparse_layers) * len(steps), "one pooled dispatch per sparse layer for the whole step"
+        pool = engine.offloaded.pool
+        assert len(pool.resident_keys()) <= budget_experts and pool.stats.evictions > 0
+        assert engine.kv_budget.used_bytes == 0 and engine.num_unfinished == 0
+        stats = engine.stats()
+        assert stats.offload.misses > 0 and stats.offload.bytes_read["disk"] > 0
+        assert stats.expert_bytes["device"] <= budget_experts * expert_bytes(any_store)
+        assert engine.offloaded.tracing == set() and len(engine.offloaded.library) >= 3, "one traced request per variant"
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("name", ["lru", "lookahead"])
+def test_other_offload_settings_keep_greedy_outputs(store, name):
+    requests = make_requests(store)
+    engine = offloaded_engine(store, 2, SETTINGS[name], policy="variant-fair")
+    try:
+        assert run_engine(engine, requests) == resident_tokens(store, requests)
+    finally:
+        engine.close()
+
+
+def test_variants_share_one_resident_copy_of_a_shared_expert(store):
+    reader = StoreReader(store)
+    tables = {v: reader.expert_table(v) for v in reader.variants}
+    engine = offloaded_engine(store, 100)  # room for everything: each stored expert is read once
+    try:
+        stored = {i for table in tables.values() for ids in table if ids for i in ids}
+        assert sorted(engine.offloaded.keys) == sorted(stored)
+        assert len(stored) < sum(len(ids) for table in tables.values() for ids in table if ids)
+        reads = []
+        read = engine.offloaded.source.read
+        engine.offloaded.source.read = lambda key: reads.append(key) or read(key)
+        run_engine(engine, make_requests(store, per_variant=3))
+        engine.offloaded.pooled.prefetcher.wait_until_idle()
+        stats = engine.stats()
+        assert len(reads) == len(set(reads)) == len(engine.offloaded.pool.resident_keys()) and stats.offload.evictions == 0
+        assert stats.expert_bytes["device"] == len(reads) * expert_bytes(store)
+        assert stats.expert_bytes["disk"] == sum(reader.manifest.experts[i].bytes for i in stored)
+    finally:
+        engine.close()
+
+
+def test_a_budget_below_one_expert_is_refused(store):
+    with pytest.raises(ValueError, match="smaller than one expert"):
+        Engine(store, EngineConfig(dtype=torch.float32, expert_budget_bytes=expert_bytes(store) - 1))
+
+
+def python_only_expert(store) -> str:
+    reader = StoreReader(store)
+    others = {i for v in ("base", "cpp") for ids in reader.expert_table(v) if ids for i in ids}
+    (only,) = {i for ids in reader.expert_table("python") if ids for i in ids} - others
+    return only
+
+
+def test_an_unreadable_expert_fails_only_the_sequences_that_need_it(store):
+    broken = python_only_expert(store)
+    requests = make_requests(store, per_variant=2)
+    expected = resident_tokens(store, requests)
+    engine = offloaded_engine(store, 3)
+    source = engine.offloaded.source
+    read = source.read
+
+    def failing_read(key):
+        if key == broken:
+            raise ExpertReadError(f"expert {key}: cannot read {store / 'experts' / key} (injected)")
+        return read(key)
+
+    source.read = failing_read
+    try:
+        outputs = {}
+        ids = [engine.add_request(v, p, GREEDY) for v, p in requests]
+        while engine.has_work:
+            for output in engine.step():
+                if output.finished:
+                    outputs[output.seq_id] = output
+                    assert engine.kv_budget.capacity_tokens.get(output.seq_id) is None, "a finished sequence's cache is freed"
+        failed = [i for i in ids if outputs[i].finish_reason == "error"]
+        assert failed and all(requests[ids.index(i)][0] == "python" for i in failed)
+        assert all(broken in outputs[i].error and "injected" in outputs[i].error for i in failed)
+        for seq_id, (variant, _), tokens in zip(ids, requests, expected):
+            if seq_id not in failed:
+                assert list(outputs[seq_id].token_ids) == tokens, variant
+        assert engine.stats().failed == len(failed) and engine.kv_budget.used_bytes == 0
+        source.read = read  # the file is readable again: the same request now succeeds
+        retry = ids.index(failed[0])
+        assert run_engine(engine, [requests[retry]]) == [expected[retry]]
+    finally:
+        engine.close()
+
