@@ -10,14 +10,13 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from moeplex.consolidate.calibration import record_expert_inputs
+from moeplex.consolidate.evaluator import Evaluator, evaluator_for
 from moeplex.consolidate.family_spec import BASE, FamilySpec, open_family
 from moeplex.consolidate.plan import ConsolidationPlan
 from moeplex.consolidate.policies import PlanShape, l2_roundrobin_plan, quality_aware_plan
 from moeplex.consolidate.similarity import FamilyExperts, OutputErrorModel, WeightDistances, weight_distances
 from moeplex.demo.corpora import DOMAINS, domain_text
 from moeplex.errors import MoeplexError
-from moeplex.model.runtime import load_model
 
 CALIBRATION_TOKENS_PER_DOMAIN = 1024
 
@@ -56,6 +55,7 @@ class FamilyAnalysis:
     experts: FamilyExperts
     distances: WeightDistances
     errors: OutputErrorModel
+    evaluator: Evaluator  # how this family's models are run: the moeplex runtime, or transformers for Switch
 
     def plan(self, method: str, budget_bytes: int) -> ConsolidationPlan:
         stored = self.sizes.experts_within(budget_bytes)
@@ -112,11 +112,19 @@ def analyse_family(family: FamilySpec, calibration: torch.Tensor | None = None, 
     sparse = tuple(l for l, is_sparse in enumerate(spec.sparse_layers) if is_sparse)
     shape = PlanShape(variants, spec.num_layers, spec.num_experts, sparse)
     tokens = calibration if calibration is not None else calibration_tokens(checkpoints[variants[0]])
+    evaluator = evaluator_for(experts.opened[variants[0]].family)
     inputs = {}
     for name in tqdm(variants, desc="calibration", unit="variant", disable=not progress):
-        inputs[name] = record_expert_inputs(load_model(checkpoints[name], dtype=torch.float32), tokens)
+        inputs[name] = evaluator.record_inputs(experts.opened[name], tokens)
     names = variants + ((base,) if base else ())
     distances = weight_distances(experts, names, progress)
     return FamilyAnalysis(
-        variants, base, shape, family_sizes(experts, variants), experts, distances, OutputErrorModel(experts, inputs)
+        variants,
+        base,
+        shape,
+        family_sizes(experts, variants),
+        experts,
+        distances,
+        OutputErrorModel(experts, inputs),
+        evaluator,
     )

@@ -62,7 +62,7 @@ def run_consolidate(
     plans = {m: (plan if m == method else analysis.plan(m, budget_bytes)) for m in PLAN_METHODS}
     merged = merged_baselines(family, report_dir / "merged")
     tables = variant_tables(analysis, family.checkpoints(), family.own_domain, plans, merged, max_tokens, EVAL_DTYPE)
-    scorer = OwnDomainScorer(family.checkpoints(), family.own_domain, max_tokens, EVAL_DTYPE)
+    scorer = OwnDomainScorer(family.checkpoints(), family.own_domain, max_tokens, EVAL_DTYPE, analysis.evaluator)
     sweep = run_sweep(analysis, scorer, merged, sweep_budgets(analysis))
     summary["report"] = str(
         write_report(report_dir, analysis, family.own_domain, budget_bytes, plans, tables, sweep, store_bytes, command_line)
@@ -75,5 +75,5 @@ def run_budget_sweep(family_yaml: Path | None, work_dir: Path, max_tokens: int =
     family_yaml, family = resolve_family(family_yaml)
     analysis = analyse_family(family)
     merged = merged_baselines(family, work_dir / "merged")
-    scorer = OwnDomainScorer(family.checkpoints(), family.own_domain, max_tokens, EVAL_DTYPE)
+    scorer = OwnDomainScorer(family.checkpoints(), family.own_domain, max_tokens, EVAL_DTYPE, analysis.evaluator)
     return run_sweep(analysis, scorer, merged, sweep_budgets(analysis))

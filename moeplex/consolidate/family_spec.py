@@ -10,7 +10,7 @@ import yaml
 
 from moeplex.checkpoint import CheckpointReader
 from moeplex.errors import MoeplexError
-from moeplex.families.base import Family, expected_backbone_shape
+from moeplex.families.base import Family
 from moeplex.model.spec import ModelSpec
 from moeplex.model.weights import open_checkpoint
 
@@ -19,7 +19,7 @@ BASE = "base"
 # Variant names become file names inside a store and model names in API requests.
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
-# ModelSpec fields that are free to differ between variants of one family; every other field must match.
+# Spec fields that are free to differ between variants of one family; every other field must match.
 FREE_SPEC_FIELDS = frozenset({"max_position_embeddings", "bos_token_id", "eos_token_ids"})
 
 
@@ -48,7 +48,7 @@ class OpenCheckpoint:
     name: str
     family: Family
     reader: CheckpointReader
-    spec: ModelSpec
+    spec: ModelSpec  # a SwitchSpec for switch_transformers
 
 
 def load_family_spec(yaml_path: str | Path) -> FamilySpec:
@@ -97,7 +97,7 @@ def _check_same_architecture(reference: OpenCheckpoint, checkpoint: OpenCheckpoi
             f"variant '{checkpoint.name}' is a {checkpoint.family.name} model but '{reference.name}' is a "
             f"{reference.family.name} model; a family shares one architecture"
         )
-    for spec_field in fields(ModelSpec):
+    for spec_field in fields(reference.spec):
         if spec_field.name in FREE_SPEC_FIELDS:
             continue
         ours, theirs = getattr(checkpoint.spec, spec_field.name), getattr(reference.spec, spec_field.name)
@@ -116,7 +116,7 @@ def _check_backbone_shapes(checkpoint: OpenCheckpoint) -> None:
             key = family.backbone_key(reader, name)
         except MoeplexError as exc:
             raise FamilySpecError(f"variant '{checkpoint.name}': {exc}") from exc
-        shape, expected = reader.shape(key), expected_backbone_shape(spec, name)
+        shape, expected = reader.shape(key), family.backbone_shape(spec, name)
         if tuple(shape) != tuple(expected):
             raise FamilySpecError(
                 f"variant '{checkpoint.name}': tensor '{key}' has shape {tuple(shape)}, "

@@ -1,4 +1,4 @@
-"""Quality of a consolidated or merged model against the original: perplexity, KL and greedy agreement."""
+"""Agreement of a consolidated or merged model with the original: KL and greedy agreement of its predictions."""
 
 from __future__ import annotations
 
@@ -7,29 +7,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moeplex.eval.perplexity import DEFAULT_WINDOW, runtime_logits, windowed_perplexity
-from moeplex.model.runtime import MoEModel
+from moeplex.eval.perplexity import DEFAULT_WINDOW, PredictFn, token_windows
 
 
 @dataclass(frozen=True)
 class Agreement:
-    kl: float  # mean KL(original || candidate) of next-token distributions, nats
+    kl: float  # mean KL(original || candidate) of the predicted-token distributions, nats
     greedy_agreement: float  # fraction of positions with the same argmax
 
 
-def perplexity(model: MoEModel, ids: torch.Tensor, window: int = DEFAULT_WINDOW) -> float:
-    return windowed_perplexity(runtime_logits(model), ids, window)
-
-
-def agreement(original: MoEModel, candidate: MoEModel, ids: torch.Tensor, window: int = DEFAULT_WINDOW) -> Agreement:
-    """Compare next-token distributions window by window on the same tokens."""
-    score_original, score_candidate = runtime_logits(original), runtime_logits(candidate)
+def agreement(original: PredictFn, candidate: PredictFn, ids: torch.Tensor, window: int = DEFAULT_WINDOW) -> Agreement:
+    """Compare the two models' predictions window by window on the same tokens."""
     kl_sum, agree, count = 0.0, 0, 0
-    for start in range(0, ids.numel() - 1, window):
-        chunk = ids[start : start + window]
-        p_log = F.log_softmax(score_original(chunk), dim=-1)
-        q_log = F.log_softmax(score_candidate(chunk), dim=-1)
+    for chunk in token_windows(ids, window):
+        p_log = F.log_softmax(original(chunk)[0], dim=-1)
+        q_log = F.log_softmax(candidate(chunk)[0], dim=-1)
         kl_sum += float((p_log.exp() * (p_log - q_log)).sum())
         agree += int((p_log.argmax(-1) == q_log.argmax(-1)).sum())
-        count += chunk.numel()
+        count += p_log.shape[0]
     return Agreement(kl_sum / count, agree / count)

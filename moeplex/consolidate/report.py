@@ -11,12 +11,11 @@ from transformers import AutoTokenizer
 from moeplex.consolidate.analysis import FamilyAnalysis
 from moeplex.consolidate.plan import ConsolidationPlan
 from moeplex.consolidate.plots import quality_vs_budget, similarity_heatmaps
-from moeplex.consolidate.quality import agreement, perplexity
+from moeplex.consolidate.quality import agreement
 from moeplex.consolidate.sweep import format_sweep
-from moeplex.consolidate.variant_models import consolidated_model
 from moeplex.demo.corpora import DOMAINS
 from moeplex.eval.domains import heldout_token_ids
-from moeplex.model.runtime import load_model
+from moeplex.eval.perplexity import predictions_perplexity
 
 
 def variant_tables(
@@ -31,19 +30,21 @@ def variant_tables(
     """variant -> system -> {"ppl": {domain: x}, "kl": x, "greedy_agreement": x} on held-out text."""
     tokenizer = AutoTokenizer.from_pretrained(checkpoints[analysis.variants[0]])
     ids = {d: heldout_token_ids(tokenizer, d, max_tokens) for d in DOMAINS}
-    merged_models = {name: load_model(folder, dtype=dtype) for name, folder in merged.items()}
+    evaluator = analysis.evaluator
+    merged_models = {name: evaluator.load(folder, dtype) for name, folder in merged.items()}
     tables = {}
     for variant in analysis.variants:
-        original = load_model(checkpoints[variant], dtype=dtype)
-        systems = {"original": original}
-        systems.update({m: consolidated_model(p, variant, analysis.experts, dtype) for m, p in plans.items()})
+        systems = {"original": evaluator.load(checkpoints[variant], dtype)}
+        systems.update({m: evaluator.consolidated(p, variant, analysis.experts, dtype) for m, p in plans.items()})
         systems.update(merged_models)
         own_ids = ids[own_domain.get(variant, DOMAINS[0])]
+        original = evaluator.predictions(systems["original"])
         rows = {}
         for name, model in systems.items():
-            match = agreement(original, model, own_ids)
+            predict = evaluator.predictions(model)
+            match = agreement(original, predict, own_ids)
             rows[name] = {
-                "ppl": {d: perplexity(model, ids[d]) for d in DOMAINS},
+                "ppl": {d: predictions_perplexity(predict, ids[d]) for d in DOMAINS},
                 "kl": match.kl,
                 "greedy_agreement": match.greedy_agreement,
             }
@@ -85,7 +86,7 @@ def write_report(
         )
     if store_bytes is not None:
         lines.append(f"- store written: {store_bytes / 1e6:.1f} MB on disk (byte-identical experts stored once)")
-    lines += ["", "## Quality per variant (held-out text)", ""]
+    lines += ["", "## Quality per variant (held-out text)", "", f"Task: {analysis.evaluator.task}.", ""]
     for variant, rows in tables.items():
         own = own_domain.get(variant, "")
         lines += [f"### {variant} (own domain: {own})", ""]

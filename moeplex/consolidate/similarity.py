@@ -12,7 +12,6 @@ from moeplex.consolidate.calibration import ExpertInputs
 from moeplex.consolidate.family_spec import OpenCheckpoint
 from moeplex.store.materialize import materialize_expert
 from moeplex.consolidate.plan import ExpertSource, Position
-from moeplex.model.ops import swiglu_mlp
 
 
 
@@ -95,6 +94,7 @@ class OutputErrorModel:
             return 0.0
         own = self.experts.read((variant, layer, expert))
         replacement = materialize_expert(source, self.experts.read)
-        y_own = swiglu_mlp(x, own["gate_up"].float(), own["down"].float())
-        y_new = swiglu_mlp(x, replacement["gate_up"].float(), replacement["down"].float())
+        checkpoint = self.experts.opened[variant]
+        y_own = checkpoint.family.expert_output(checkpoint.spec, own, x)
+        y_new = checkpoint.family.expert_output(checkpoint.spec, replacement, x)
         return relative_output_error(y_own, y_new)

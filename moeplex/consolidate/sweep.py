@@ -10,10 +10,9 @@ from transformers import AutoTokenizer
 
 from moeplex.consolidate.analysis import FamilyAnalysis
 from moeplex.consolidate.policies import PLAN_METHODS
-from moeplex.consolidate.quality import perplexity
-from moeplex.consolidate.variant_models import consolidated_model
+from moeplex.consolidate.evaluator import Evaluator
 from moeplex.eval.domains import heldout_token_ids
-from moeplex.model.runtime import load_model
+from moeplex.eval.perplexity import predictions_perplexity
 
 SWEEP_MAX_MULTIPLE = 2.5
 SWEEP_POINTS = 6
@@ -30,16 +29,25 @@ def sweep_budgets(analysis: FamilyAnalysis, points: int = SWEEP_POINTS) -> list[
 class OwnDomainScorer:
     """Own-domain held-out perplexity of each variant, with the originals' numbers cached."""
 
-    def __init__(self, checkpoints: dict[str, Path], own_domain: dict[str, str], max_tokens: int, dtype: torch.dtype):
-        self.own_domain, self.dtype = own_domain, dtype
+    def __init__(
+        self,
+        checkpoints: dict[str, Path],
+        own_domain: dict[str, str],
+        max_tokens: int,
+        dtype: torch.dtype,
+        evaluator: Evaluator,
+    ):
+        self.own_domain, self.dtype, self.evaluator = own_domain, dtype, evaluator
         tokenizer = AutoTokenizer.from_pretrained(next(iter(checkpoints.values())))
         self.ids = {d: heldout_token_ids(tokenizer, d, max_tokens) for d in set(own_domain.values())}
-        self.original = {v: perplexity(load_model(checkpoints[v], dtype=dtype), self.ids[d]) for v, d in own_domain.items()}
+        self.original = {v: self.perplexity(evaluator.load(checkpoints[v], dtype), d) for v, d in own_domain.items()}
+
+    def perplexity(self, model, domain: str) -> float:
+        return predictions_perplexity(self.evaluator.predictions(model), self.ids[domain])
 
     def increase(self, variant: str, model) -> float:
         """Relative own-domain perplexity increase over the original variant."""
-        ids = self.ids[self.own_domain[variant]]
-        return perplexity(model, ids) / self.original[variant] - 1.0
+        return self.perplexity(model, self.own_domain[variant]) / self.original[variant] - 1.0
 
     def mean_increase(self, model_of_variant) -> float:
         values = [self.increase(v, model_of_variant(v)) for v in self.own_domain]
@@ -66,12 +74,13 @@ def run_sweep(
     for budget in budgets:
         for method in PLAN_METHODS:
             plan = analysis.plan(method, budget)
-            increase = scorer.mean_increase(lambda v: consolidated_model(plan, v, analysis.experts, scorer.dtype))
+            consolidated = scorer.evaluator.consolidated
+            increase = scorer.mean_increase(lambda v: consolidated(plan, v, analysis.experts, scorer.dtype))
             result["mean_ppl_increase"][method].append(increase)
             result["stored_experts"][method].append(plan.num_stored_experts)
             bar.update()
     for name, folder in merged.items():
-        model = load_model(folder, dtype=scorer.dtype)
+        model = scorer.evaluator.load(folder, scorer.dtype)
         result["baselines_mean_ppl_increase"][name] = scorer.mean_increase(lambda v: model)
         bar.update()
     bar.close()

@@ -22,6 +22,7 @@ from moeplex.engine.policies import policy_by_name
 from moeplex.engine.scheduler import ScheduledChunk, Scheduler
 from moeplex.engine.sequence import Sequence, TokenLogprob
 from moeplex.engine.shared_weights import IdenticalTensorPool
+from moeplex.families.base import require_runtime
 from moeplex.model.attention import SequenceChunk
 from moeplex.model.kv_cache import SequenceKVCache
 from moeplex.model.sampling import SamplingParams, sample_token
@@ -65,6 +66,7 @@ class Engine:
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         reader = StoreReader(store)
+        require_runtime(reader.family(reader.variants[0]))
         self.variants = reader.variants
         self.base = reader.base
         specs = {variant: reader.spec(variant) for variant in self.variants}

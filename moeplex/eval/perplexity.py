@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,20 +16,36 @@ DEFAULT_WINDOW = 256
 # Window scorer: token ids [n] -> float32 logits [n, V].
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
+# Window predictions: a window of token ids -> (float32 logits [m, V], the m tokens they predict).
+PredictFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def causal_predictions(logits_of: LogitsFn) -> PredictFn:
+    """A causal LM predicts every next token of the window from the ones before it."""
+    return lambda chunk: (logits_of(chunk[:-1]), chunk[1:])
+
+
+def token_windows(token_ids: torch.Tensor, window: int = DEFAULT_WINDOW) -> Iterator[torch.Tensor]:
+    """Consecutive windows of window + 1 tokens, each starting at the last token of the one before."""
+    if token_ids.numel() < 2:
+        raise ValueError("perplexity needs at least two tokens")
+    for start in range(0, token_ids.numel() - 1, window):
+        yield token_ids[start : start + window + 1]
+
+
+def predictions_perplexity(predict: PredictFn, token_ids: torch.Tensor, window: int = DEFAULT_WINDOW) -> float:
+    """exp(mean NLL) of every prediction the model makes over the windows, each scored from an empty context."""
+    total_nll, total_tokens = 0.0, 0
+    for chunk in token_windows(token_ids, window):
+        logits, targets = predict(chunk)
+        total_nll += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+        total_tokens += targets.numel()
+    return math.exp(total_nll / total_tokens)
+
 
 def windowed_perplexity(logits_of: LogitsFn, token_ids: torch.Tensor, window: int = DEFAULT_WINDOW) -> float:
     """exp(mean next-token NLL) over non-overlapping windows, each scored from an empty context."""
-    if token_ids.numel() < 2:
-        raise ValueError("perplexity needs at least two tokens")
-    total_nll, total_tokens = 0.0, 0
-    for start in range(0, token_ids.numel() - 1, window):
-        chunk = token_ids[start : start + window + 1]
-        if chunk.numel() < 2:
-            break
-        logits = logits_of(chunk[:-1])  # [n, V]
-        total_nll += float(F.cross_entropy(logits.float(), chunk[1:], reduction="sum"))
-        total_tokens += chunk.numel() - 1
-    return math.exp(total_nll / total_tokens)
+    return predictions_perplexity(causal_predictions(logits_of), token_ids, window)
 
 
 def runtime_logits(model: MoEModel) -> LogitsFn:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from moeplex.errors import UnsupportedModelError
-from moeplex.families import mixtral, olmoe, qwen2_moe, qwen3_moe
+from moeplex.families import mixtral, olmoe, qwen2_moe, qwen3_moe, switch_transformers
 from moeplex.families.base import Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (mixtral.FAMILY, qwen2_moe.FAMILY, qwen3_moe.FAMILY, olmoe.FAMILY)}
+# switch_transformers is consolidated and exported only; the runtime refuses it (base.require_runtime).
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (mixtral.FAMILY, qwen2_moe.FAMILY, qwen3_moe.FAMILY, olmoe.FAMILY, switch_transformers.FAMILY)
+}
 
 
 def family_for_config(config: dict) -> Family:

@@ -1,4 +1,11 @@
-"""What a family module provides: config -> ModelSpec, and canonical tensor names -> checkpoint keys."""
+"""What a family module provides: config -> ModelSpec, and canonical tensor names -> checkpoint keys.
+
+Consolidation and the store use a family through these members only: name, model_types,
+hf_architecture, is_encoder_decoder, expert_parts, spec_from_config, backbone_names, backbone_key,
+backbone_shape, read_expert, expert_output, saved_backbone_key and saved_expert_tensors.
+`moeplex.families.switch_transformers` provides them for an encoder-decoder family that the runtime
+does not run.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import torch
 
 from moeplex.checkpoint import CheckpointReader
 from moeplex.errors import CheckpointError, UnsupportedModelError
+from moeplex.model.ops import swiglu_mlp
 from moeplex.model.spec import ModelSpec
 
 # Canonical backbone tensor names. Per-layer names are prefixed "layers.{l}.".
@@ -41,6 +49,9 @@ class Family:
     expert_keys: ExpertKeys
     hf_architecture: str
 
+    is_encoder_decoder = False  # decoder-only: the moeplex runtime runs it
+    expert_parts = ("gate_up", "down")  # the tensors of one routed expert, as read_expert returns them
+
     def backbone_names(self, spec: ModelSpec) -> list[str]:
         """Canonical names of every backbone tensor this spec has, layer placeholders filled in."""
         names = [n for n in GLOBAL_TENSORS if not (n == "lm_head" and spec.tie_word_embeddings)]
@@ -59,6 +70,30 @@ class Family:
             f"{reader.folder}: tensor '{candidates[0]}' ({self.name} {name}) is not in the checkpoint"
         )
 
+    def backbone_shape(self, spec: ModelSpec, name: str) -> tuple[int, ...]:
+        """The shape canonical backbone tensor `name` must have under this spec."""
+        return expected_backbone_shape(spec, name)
+
+    def saved_backbone_key(self, name: str) -> str:
+        """The key transformers saves canonical backbone tensor `name` under (the first candidate template)."""
+        template_name, layer = _split_layer(name)
+        return self.backbone_keys[template_name][0].format(l=layer)
+
+    def saved_expert_tensors(
+        self, spec: ModelSpec, layer: int, expert: int, weights: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """One routed expert under the per-expert keys transformers saves (own storage each, as safetensors needs)."""
+        keys = self.expert_keys
+        gate, up = weights["gate_up"].chunk(2, dim=0)
+        return {
+            keys.per_expert[0].format(l=layer, e=expert, proj=keys.proj_names[proj]): tensor.clone()
+            for proj, tensor in (("gate", gate), ("up", up), ("down", weights["down"]))
+        }
+
+    def expert_output(self, spec: ModelSpec, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The expert applied to inputs x [n, H], in fp32: down(silu(gate x) * up x)."""
+        return swiglu_mlp(x.float(), weights["gate_up"].float(), weights["down"].float())
+
     def expert_layout(self, reader: CheckpointReader, layer: int) -> str:
         """'fused' or 'per_expert', by which keys the checkpoint has for this layer."""
         if any(reader.has(t.format(l=layer)) for t in self.expert_keys.fused_gate_up):
@@ -72,7 +107,7 @@ class Family:
             gate_up_key = _first_present(reader, keys.fused_gate_up, layer)
             down_key = _first_present(reader, keys.fused_down, layer)
             gate_up, down = reader.get_row(gate_up_key, expert), reader.get_row(down_key, expert)
-            _check_shape(reader, gate_up_key, gate_up, (2 * spec.expert_intermediate_size, spec.hidden_size))
+            check_shape(reader, gate_up_key, gate_up, (2 * spec.expert_intermediate_size, spec.hidden_size))
         else:
             parts = {}
             for proj in ("gate", "up", "down"):
@@ -83,10 +118,10 @@ class Family:
                     if proj == "down"
                     else (spec.expert_intermediate_size, spec.hidden_size)
                 )
-                _check_shape(reader, key, parts[proj], expected)
+                check_shape(reader, key, parts[proj], expected)
             gate_up, down = torch.cat([parts["gate"], parts["up"]], dim=0), parts["down"]
             down_key = self._per_expert_key(reader, layer, expert, "down")
-        _check_shape(reader, down_key, down, (spec.hidden_size, spec.expert_intermediate_size))
+        check_shape(reader, down_key, down, (spec.hidden_size, spec.expert_intermediate_size))
         return {"gate_up": gate_up, "down": down}
 
     def _per_expert_key(self, reader: CheckpointReader, layer: int, expert: int, proj: str) -> str:
@@ -156,8 +191,17 @@ def read_backbone_tensor(family: Family, reader: CheckpointReader, spec: ModelSp
     """Read one canonical backbone tensor and check its shape against the spec."""
     key = family.backbone_key(reader, name)
     tensor = reader.get(key)
-    _check_shape(reader, key, tensor, expected_backbone_shape(spec, name))
+    check_shape(reader, key, tensor, family.backbone_shape(spec, name))
     return tensor
+
+
+def require_runtime(family: Family) -> None:
+    """The moeplex runtime runs decoder-only families; an encoder-decoder one is a clear error."""
+    if family.is_encoder_decoder:
+        raise UnsupportedModelError(
+            f"{family.name} is an encoder-decoder model: moeplex consolidates, stores and exports it, but its "
+            "runtime serves decoder-only models; run the exported checkpoint with transformers"
+        )
 
 
 def common_spec_fields(config: dict, family: str) -> dict:
@@ -222,7 +266,7 @@ def _first_present(reader: CheckpointReader, templates: tuple[str, ...], layer: 
     raise CheckpointError(f"{reader.folder}: '{templates[0].format(l=layer)}' is not in the checkpoint")
 
 
-def _check_shape(reader: CheckpointReader, key: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
+def check_shape(reader: CheckpointReader, key: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
     if tuple(tensor.shape) != tuple(expected):
         raise CheckpointError(
             f"{reader.file_of(key)}: tensor '{key}' has shape {tuple(tensor.shape)}, config implies {tuple(expected)}"

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from moeplex.checkpoint import CheckpointReader
 from moeplex.families import family_for_config
-from moeplex.families.base import Family, read_backbone_tensor
+from moeplex.families.base import Family, read_backbone_tensor, require_runtime
 from moeplex.model.attention import AttentionWeights
 from moeplex.model.experts import DenseExperts
 from moeplex.model.spec import ModelSpec
@@ -56,6 +56,7 @@ def load_backbone(
     family: Family, reader: CheckpointReader, spec: ModelSpec, dtype: torch.dtype, device="cpu"
 ) -> Backbone:
     """Read and assemble every backbone tensor, cast to dtype on device."""
+    require_runtime(family)
 
     def get(name: str) -> torch.Tensor:
         return read_backbone_tensor(family, reader, spec, name).to(device=device, dtype=dtype)

@@ -9,7 +9,7 @@ import torch
 from moeplex.consolidate.family_spec import OpenCheckpoint
 from moeplex.consolidate.plan import ExpertSource, Position
 
-# Reads one model's expert: position -> {"gate_up": [2I, H], "down": [H, I]}.
+# Reads one model's expert: position -> {"gate_up": [2I, H], "down": [H, I]} (Switch: {"wi", "wo"}).
 ExpertReader = Callable[[Position], dict[str, torch.Tensor]]
 
 
@@ -25,7 +25,7 @@ def checkpoint_expert_reader(checkpoints: dict[str, OpenCheckpoint]) -> ExpertRe
 
 
 def materialize_expert(source: ExpertSource, read: ExpertReader, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """{"gate_up": [2I, H], "down": [H, I]} = sum of weight * member expert, accumulated in fp32.
+    """Each part of the expert ({"gate_up", "down"}, or Switch's {"wi", "wo"}) = sum of weight * member's, in fp32.
 
     The result is cast to `dtype`, or to the first member's dtype when None (so a plain copy is
     byte-identical to its source).
@@ -37,7 +37,7 @@ def materialize_expert(source: ExpertSource, read: ExpertReader, dtype: torch.dt
     out_dtype = dtype
     for position, weight in zip(source.members, source.weights):
         member = read(position)
-        out_dtype = out_dtype or member["gate_up"].dtype
+        out_dtype = out_dtype or next(iter(member.values())).dtype
         for part, tensor in member.items():
             contribution = tensor.float() * weight
             total[part] = total[part] + contribution if part in total else contribution

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from moeplex.families import family_for_config
-from moeplex.families.base import Family
+from moeplex.families.base import Family, require_runtime
 from moeplex.model.experts import DenseExperts
 from moeplex.model.runtime import MoEModel
 from moeplex.model.spec import ModelSpec
@@ -21,9 +21,6 @@ from moeplex.store.blobs import check_blob, read_checked
 from moeplex.store.errors import StoreError
 from moeplex.store.experts import ExpertBank, StoreExperts
 from moeplex.store.manifest import ExpertTable, read_manifest
-
-EXPERT_PARTS = ("gate_up", "down")
-
 
 class BackboneFile:
     """A CheckpointReader look-alike over one variant's backbone blob, whose keys are canonical names.
@@ -104,11 +101,12 @@ class StoreReader:
         return BackboneFile(check_blob(self.path, f"backbone of '{variant}'", entry))
 
     def load_backbone(self, variant: str, dtype: torch.dtype, device="cpu") -> Backbone:
+        require_runtime(self.family(variant))
         family = canonical_family(self.family(variant))
         return load_backbone(family, self.open_backbone(variant), self.spec(variant), dtype, device)
 
     def read_expert(self, expert_id: str) -> dict[str, torch.Tensor]:
-        """One stored expert {"gate_up": [2I, H], "down": [H, I]}, read from disk now and checksum-checked."""
+        """One stored expert ({"gate_up": [2I, H], "down": [H, I]}, Switch: {"wi", "wo"}), read and checksummed now."""
         entry = self.manifest.experts.get(expert_id)
         if entry is None:
             raise StoreError(f"{self.path}: expert id {expert_id} is not in the store's manifest")
@@ -117,8 +115,9 @@ class StoreReader:
             tensors = safetensors.torch.load(read_checked(self.path, what, entry))
         except safetensors.SafetensorError as exc:
             raise StoreError(f"{what}: {self.path / entry.file} is not a valid safetensors file ({exc})") from exc
-        if set(tensors) != set(EXPERT_PARTS):
-            raise StoreError(f"{what}: {self.path / entry.file} holds {sorted(tensors)}, expected {list(EXPERT_PARTS)}")
+        parts = self.family(self.manifest.variants[0]).expert_parts
+        if set(tensors) != set(parts):
+            raise StoreError(f"{what}: {self.path / entry.file} holds {sorted(tensors)}, expected {list(parts)}")
         return tensors
 
     def load_expert_bank(
@@ -145,6 +144,7 @@ class StoreReader:
         self, variants: list[str], dtype: torch.dtype, device="cpu", progress=False
     ) -> dict[str, MoEModel]:
         """Models of several variants sharing one expert bank: each unique expert is resident once."""
+        require_runtime(self.family(variants[0]))
         tables = {variant: self.expert_table(variant) for variant in variants}
         used = [expert_id for table in tables.values() for row in table if row for expert_id in row]
         bank = self.load_expert_bank(used, self.spec(variants[0]), dtype, device, progress)
