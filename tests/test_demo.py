@@ -259,6 +259,7 @@ def heldout_perplexity(model, tokenizer, domain: str, seq_len: int = 256, max_wi
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # builds the family from scratch: ~4 min on a quiet 2-core machine, 15 min seen when busy
 def test_tiny_family_variants_beat_base_on_their_own_heldout_domain():
     family = build_demo_family("tiny")
     tokenizer = AutoTokenizer.from_pretrained(family.base)
