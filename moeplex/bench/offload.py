@@ -53,6 +53,8 @@ class DecodeTimer:
     def forward(self, token_ids, chunks, all_logits=False):
         started = time.perf_counter()
         logits = self.model.forward(token_ids, chunks, all_logits)
+        if logits.is_cuda:
+            torch.cuda.synchronize()
         if len(token_ids) == len(chunks):
             self.seconds += time.perf_counter() - started
             self.steps += len(chunks)
@@ -114,45 +116,49 @@ class BenchSetup:
     backbone: Backbone
     source: StoreExpertSource
     expert_bytes: int
-    resident: MoEModel  # every expert in RAM, in one bank
+    resident: MoEModel  # every expert on the device, in one bank
+    device: str
 
     @staticmethod
-    def open(store: Path) -> BenchSetup:
+    def open(store: Path, device: str = "cpu") -> BenchSetup:
         reader = StoreReader(store)
         spec, table, dtype = reader.spec("base"), reader.expert_table("base"), torch.bfloat16
-        backbone = reader.load_backbone("base", dtype)
+        backbone = reader.load_backbone("base", dtype, device)
         source = StoreExpertSource(store, reader.manifest, spec, dtype)
         expert_ids = sorted(reader.manifest.referenced_expert_ids())
-        bank = reader.load_expert_bank(expert_ids, spec, dtype)
-        resident = MoEModel(spec, backbone, StoreExperts(bank, bank.rows(table, "cpu")), dtype)
-        return BenchSetup(store, spec, table, backbone, source, bank.nbytes, resident)
+        bank = reader.load_expert_bank(expert_ids, spec, dtype, device)
+        resident = MoEModel(spec, backbone, StoreExperts(bank, bank.rows(table, device)), dtype, device)
+        return BenchSetup(store, spec, table, backbone, source, bank.nbytes, resident, device)
+
+    def model(self, experts) -> MoEModel:
+        return MoEModel(self.spec, self.backbone, experts, torch.bfloat16, self.device)
 
     def offloaded(self, system: str, budget: int, settings: OffloadBenchSettings, scorer: PredictionScorer | None = None) -> MoEModel:
         """One system's model at this budget, with its own copy of the calibrated trace library."""
         config = OffloadConfig(device_budget=budget, window=settings.window, min_probability=settings.min_probability, **SYSTEMS[system])
         library = TraceLibrary.load(self.store / TRACES_FOLDER) if config.prediction != "none" else None
-        experts = build_offloaded_experts(self.spec, self.backbone, self.table, self.source, config, library, scorer)
-        return MoEModel(self.spec, self.backbone, experts, torch.bfloat16)
+        experts = build_offloaded_experts(self.spec, self.backbone, self.table, self.source, config, library, scorer, self.device)
+        return self.model(experts)
 
     def seed_library(self, prompts: list[list[int]], settings: OffloadBenchSettings) -> None:
         """Calibration pass with every expert resident; the library is saved to <store>/traces."""
         config = OffloadConfig(device_budget=self.expert_bytes, prefetch=False, window=settings.window)
-        experts = build_offloaded_experts(self.spec, self.backbone, self.table, self.source, config)
-        calibrate(MoEModel(self.spec, self.backbone, experts, torch.bfloat16), prompts, settings.new_tokens, "base")
+        experts = build_offloaded_experts(self.spec, self.backbone, self.table, self.source, config, device=self.device)
+        calibrate(self.model(experts), prompts, settings.new_tokens, "base")
         experts.forecaster.tracer.library.save(self.store / TRACES_FOLDER)
 
 
 def run_offload_benchmark(store: Path, settings: OffloadBenchSettings, progress=print) -> dict:
     torch.set_num_threads(settings.threads)
     progress(f"loading {store}")
-    setup = BenchSetup.open(store)
+    setup = BenchSetup.open(store, settings.device)
     count = settings.calibration_requests
     prompts = random_prompts(count + settings.repeats + 1, settings.prompt_tokens, setup.spec.vocab_size, settings.seed)
     progress(f"calibrating the trace library on {count} requests")
     drop_page_cache(store)
     setup.seed_library(prompts[:count], settings)
     result = {
-        "store": str(store), "threads": settings.threads, "new_tokens": settings.new_tokens, "prompt_tokens": settings.prompt_tokens,
+        "store": str(store), "device": settings.device, "threads": settings.threads, "new_tokens": settings.new_tokens, "prompt_tokens": settings.prompt_tokens,
         "repeats": settings.repeats, "window": settings.window, "min_probability": settings.min_probability, "score_threshold": settings.score_threshold,
         "expert_bytes": setup.expert_bytes, "expert_count": len(setup.source.manifest.experts),
         "tokens_per_s": {}, "speedup_vs_lru": {}, "fraction_of_resident": {}, "pool": {}, "prefetcher": {}, "prediction": {},
@@ -246,7 +252,7 @@ def format_table(result: dict) -> str:
     lines = [
         (
             f"store: {result['store']} ({result['expert_count']} experts, {result['expert_bytes'] / 2**20:.0f} MiB), "
-            f"threads: {result['threads']}, {result['new_tokens']} new tokens, median of {result['repeats']} requests, cold page cache"
+            f"{result.get('device', 'cpu')}, threads: {result['threads']}, {result['new_tokens']} new tokens, median of {result['repeats']} requests, cold page cache"
         ),
         f"{'budget':>10} {'system':>9} {'tok/s':>8} {'hit rate':>9} {'prefetch acc':>13} {'disk MB/tok':>12} {'wait s/tok':>11}",
     ]

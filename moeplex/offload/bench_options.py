@@ -21,6 +21,7 @@ class OffloadBenchSettings:
     score_threshold: float = 0.5  # an expert at least this likely counts as predicted when scoring precision/recall
     threads: int = 1
     seed: int = 0
+    device: str = "cpu"  # where the experts are made resident and computed (cpu or cuda)
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +35,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-probability", type=float, default=defaults.min_probability, help=f"prefetch experts at least this likely (default: {defaults.min_probability})")
     parser.add_argument("--score-threshold", type=float, default=defaults.score_threshold, help=f"experts at least this likely count as predicted in precision/recall (default: {defaults.score_threshold})")
     add_threads_option(parser, defaults.threads)
+    parser.add_argument("--device", default=defaults.device, help="cpu, or cuda: experts computed on the GPU, read from disk on demand or by the prefetcher (default: cpu)")
 
 
 def run_from_options(args: argparse.Namespace) -> dict:
@@ -42,7 +44,7 @@ def run_from_options(args: argparse.Namespace) -> dict:
 
     settings = OffloadBenchSettings(
         budgets=tuple(args.budgets), new_tokens=args.new_tokens, repeats=args.repeats, window=args.window,
-        min_probability=args.min_probability, score_threshold=args.score_threshold, threads=args.threads,
+        min_probability=args.min_probability, score_threshold=args.score_threshold, threads=args.threads, device=args.device,
     )
     result = run_offload_benchmark(args.store or bench_store(), settings)
     return publish(format_table(result), result, args.json)
