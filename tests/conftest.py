@@ -51,6 +51,12 @@ def make_hf_model(config: transformers.PretrainedConfig, seed: int) -> transform
     return model
 
 
+def saved_random_model(folder, family: str = "mixtral", seed: int = 0):
+    """Save a random model of the family (make_hf_model) as a checkpoint folder; returns the folder."""
+    make_hf_model(family_configs()[family], seed=seed).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session", params=sorted(family_configs()))
 def hf_checkpoint(request, tmp_path_factory):
     """(family name, checkpoint folder, transformers model) for each family, saved per-expert."""

@@ -9,11 +9,11 @@ import torch
 from moeplex.bench.decode import weight_bytes_per_token
 from moeplex.cli import main
 from moeplex.model.runtime import load_model
-from tests.conftest import family_configs, make_hf_model
+from tests.conftest import saved_random_model
 
 
 def test_bytes_per_token_at_batch_one_is_the_backbone_plus_top_k_experts_per_layer(tmp_path):
-    make_hf_model(family_configs()["mixtral"], seed=3).save_pretrained(tmp_path)
+    saved_random_model(tmp_path, seed=3)
     model = load_model(tmp_path, dtype=torch.bfloat16)
     spec = model.spec
     prompt = torch.randint(3, spec.vocab_size, (1, 5), generator=torch.Generator().manual_seed(11)).tolist()
@@ -23,7 +23,7 @@ def test_bytes_per_token_at_batch_one_is_the_backbone_plus_top_k_experts_per_lay
 
 
 def test_bench_decode_writes_every_number_and_a_profile(tmp_path, capsys):
-    make_hf_model(family_configs()["mixtral"], seed=5).save_pretrained(tmp_path / "model")
+    saved_random_model(tmp_path / "model", seed=5)
     out = tmp_path / "decode.json"
     args = ["bench", "decode", "--model", str(tmp_path / "model"), "--batch-sizes", "1", "2", "--new-tokens", "4",
             "--repeats", "1", "--threads", "1", "--profile", "--json", str(out)]

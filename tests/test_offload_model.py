@@ -15,16 +15,14 @@ from moeplex.offload.evaluation import PredictionScorer
 from moeplex.offload.loading import load_offloaded_model
 from moeplex.offload.tracing import TRACES_FOLDER, TraceLibrary
 from moeplex.store import StoreReader, write_store
-from tests.conftest import family_configs, make_hf_model
+from tests.conftest import saved_random_model
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def mixtral_checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("offload_mixtral")
-    make_hf_model(family_configs()["mixtral"], seed=41).save_pretrained(folder)
-    return folder
+    return saved_random_model(tmp_path_factory.mktemp("offload_mixtral"), seed=41)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from moeplex.quant.int8 import quantize_int8
 from moeplex.quant.output_error import expert_output_errors
 from moeplex.quant.policies import LeastErrorFirst, LeastRoutedFirst, RandomSelection
 from moeplex.store.experts import ExpertBank, StoreExperts
-from tests.conftest import family_configs, make_hf_model
+from tests.conftest import saved_random_model
 
 BF16_EPS = 2.0**-8  # relative rounding of one bf16 value
 
@@ -142,9 +142,7 @@ def test_quantized_bank_serves_every_variant_sharing_it():
 
 @pytest.fixture(scope="module")
 def mixtral_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("quant_mixtral")
-    make_hf_model(family_configs()["mixtral"], seed=11).save_pretrained(folder)
-    return folder
+    return saved_random_model(tmp_path_factory.mktemp("quant_mixtral"), seed=11)
 
 
 @pytest.fixture(scope="module")
