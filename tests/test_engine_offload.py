@@ -141,3 +141,28 @@ def test_an_unreadable_expert_fails_only_the_sequences_that_need_it(store):
     finally:
         engine.close()
 
+
+
+def test_changing_the_budget_between_steps_keeps_every_sequence_and_its_tokens(store):
+    requests = make_requests(store)
+    expected = resident_tokens(store, requests)
+    engine = offloaded_engine(store, budget_experts=4)
+    budgets = iter([1, 30, 2, 6, 1, 12] * 10)
+    resident_after_change = []
+
+    def change_budget(engine):
+        experts = next(budgets)
+        engine.set_expert_budget(experts * expert_bytes(store))
+        resident_after_change.append(len(engine.offloaded.pool.resident_keys()) <= experts)
+
+    try:
+        assert run_engine(engine, requests, check=change_budget) == expected
+        assert all(resident_after_change), "a shrink evicts down to the new budget at once"
+        assert engine.num_failed == 0 and engine.kv_budget.used_bytes == 0
+        with pytest.raises(ValueError, match="smaller than one expert"):
+            engine.set_expert_budget(expert_bytes(store) - 1)
+    finally:
+        engine.close()
+    resident = Engine(store, EngineConfig(dtype=torch.float32))
+    with pytest.raises(ValueError, match="every expert is resident"):
+        resident.set_expert_budget(expert_bytes(store))

@@ -118,3 +118,46 @@ def test_serve_flags_configure_offloading_and_threads(store, monkeypatch, capsys
     assert f"--expert-budget-mib 0.01 cannot hold one expert ({expert_mib:.3f} MiB each in fp32)" in capsys.readouterr().err
     assert main(["serve", str(store), "--no-prefetch"]) == 1
     assert "only apply with --expert-budget-mib" in capsys.readouterr().err
+
+
+def put_budget(url: str, body, key: str | None = API_KEY) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.put(f"{url}/admin/expert-budget", json=body, headers=headers, timeout=60)
+
+
+def test_the_expert_budget_changes_live_under_load_and_no_request_fails(store):
+    expert_mib = StoreReader(store).spec("base").expert_numel * 4 / 2**20
+    requests = [(variant, stream) for stream in (False, True) for variant in PROMPTS] * 2
+    llm = LLM(store, dtype=torch.float32, max_model_len=64, max_num_seqs=8)  # every expert resident: the reference
+    with BackgroundServer(create_app(llm, ServerSettings(api_key=API_KEY))) as url:
+        reference = {variant: complete(url, variant, max_tokens=10).json()["choices"][0]["text"] for variant in PROMPTS}
+        assert_error(put_budget(url, {"mib": 1.0}), 409)["code"] == "offloading_off"
+
+    with offloaded_server(store, budget_experts=3) as url:
+        with ThreadPoolExecutor(len(requests)) as pool:
+            replies = [pool.submit(complete, url, variant, 10, stream) for variant, stream in requests]
+            changes = []
+            for experts in (1, 40, 2, 5, 1, 12):  # shrink to one expert, grow past everything, ...
+                changes.append(put_budget(url, {"mib": experts * expert_mib}))
+            replies = [reply.result() for reply in replies]
+        assert [c.status_code for c in changes] == [200] * len(changes), [c.text for c in changes]
+        assert changes[-1].json()["expert_budget_mib"] == pytest.approx(12 * expert_mib, rel=1e-6)
+        now = httpx.get(f"{url}/admin/expert-budget", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+        assert now["expert_budget_mib"] == changes[-1].json()["expert_budget_mib"] and 0 < now["resident_mib"] <= now["expert_budget_mib"]
+        for (variant, stream), reply in zip(requests, replies):
+            assert reply.status_code == 200, reply.text
+            if stream:
+                events = [line[len("data: "):] for line in reply.text.splitlines() if line.startswith("data: ")]
+                assert events[-1] == "[DONE]"
+                text = "".join(json.loads(event)["choices"][0]["text"] for event in events[:-1] if json.loads(event)["choices"])
+            else:
+                text = reply.json()["choices"][0]["text"]
+            assert text == reference[variant], (variant, stream)
+        values = metrics(url)
+        assert values[("moeplex_expert_budget_bytes", ())] == pytest.approx(12 * expert_mib * 2**20, abs=1)
+        assert values[("moeplex_failed_sequences_total", ())] == 0 and engine_idle(url)
+
+        assert_error(put_budget(url, {"mib": expert_mib / 2}), 400, param="mib")  # below one expert
+        assert_error(put_budget(url, {"mib": -1}), 400, param="mib")
+        assert_error(put_budget(url, {"mib": 1.0}, key=None), 401)
+        assert complete(url, "cpp", max_tokens=10).json()["choices"][0]["text"] == reference["cpp"]

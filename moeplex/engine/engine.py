@@ -45,6 +45,7 @@ class EngineStats:
     switches: SwitchStats
     expert_bytes: dict[str, int]  # tier -> bytes of resident experts
     failed: int = 0  # sequences ended with an error (an expert they needed could not be read)
+    expert_budget_bytes: int | None = None  # device bytes for experts now; None when every expert is resident
     offload: PoolStats | None = None  # the expert pool's counters; None when every expert is resident
 
 
@@ -225,8 +226,19 @@ class Engine:
             switches=dataclasses.replace(self.backbones.stats),
             expert_bytes=expert_bytes,
             failed=self.num_failed,
+            expert_budget_bytes=None if self.offloaded is None else self.offloaded.device_budget,
             offload=pool_stats,
         )
+
+    def set_expert_budget(self, nbytes: int) -> None:
+        """Grow or shrink the device bytes for experts, between steps; running sequences go on.
+
+        ValueError when every expert is resident (the engine was started without an expert budget) or
+        when nbytes cannot hold one expert.
+        """
+        if self.offloaded is None:
+            raise ValueError("every expert is resident: start the engine with an expert budget to change it live")
+        self.offloaded.set_device_budget(nbytes)
 
     def close(self) -> None:
         self.backbones.close()

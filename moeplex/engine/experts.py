@@ -130,6 +130,14 @@ class OffloadedStepExperts:
         hidden, rows, weights = joined(layer, routed, self.rows)
         return self.pooled.run(hidden, rows, weights, self.keys, prefetch)
 
+    @property
+    def device_budget(self) -> int:
+        return self.pool.device_budget
+
+    def set_device_budget(self, nbytes: int) -> None:
+        """Grow or shrink the device bytes for experts between steps; ValueError below one expert."""
+        self.pooled.set_device_budget(nbytes)
+
     def snapshot(self) -> tuple[PoolStats | None, dict[str, int]]:
         """The pool's counters and the bytes per tier: device, host, and disk (the files of every expert the variants use)."""
         stats, tiers = self.pool.snapshot()

@@ -93,6 +93,10 @@ class LLM:
             if not finished:
                 self.loop.abort(seq_id)
 
+    def set_expert_budget(self, nbytes: int) -> None:
+        """Grow or shrink the device bytes for experts while requests run (see Engine.set_expert_budget)."""
+        self.loop.call(lambda engine: engine.set_expert_budget(nbytes))
+
     def close(self, drain_timeout: float | None = None) -> None:
         """Finish (or after drain_timeout seconds abort) what is running, then stop the engine thread."""
         self.loop.stop(drain_timeout)

@@ -42,6 +42,12 @@ class _Abort:
 
 
 @dataclass(frozen=True)
+class _Call:
+    fn: Callable[[Engine], object]
+    done: "queue.Queue[tuple[bool, object]]"
+
+
+@dataclass(frozen=True)
 class _Stop:
     deadline: float | None  # time.monotonic() after which unfinished sequences are aborted
 
@@ -83,6 +89,15 @@ class EngineLoop:
     def abort(self, seq_id: int) -> None:
         self._commands.put(_Abort(seq_id))
 
+    def call(self, fn: Callable[[Engine], object]):
+        """Run fn(engine) on the loop thread between two steps and return its result (or raise its exception)."""
+        done: queue.Queue = queue.Queue(maxsize=1)
+        self._commands.put(_Call(fn, done))
+        succeeded, value = self._wait_for(done)
+        if not succeeded:
+            raise value
+        return value
+
     @property
     def stopped(self) -> bool:
         return not self._thread.is_alive()
@@ -117,6 +132,13 @@ class EngineLoop:
             self._step()
 
     def _handle(self, command) -> None:
+        if isinstance(command, _Call):
+            try:
+                command.done.put((True, command.fn(self.engine)))
+            except Exception as exc:  # handed to the caller's thread
+                command.done.put((False, exc))
+            self._stats = self.engine.stats()
+            return
         if isinstance(command, _Abort):
             self._deliver(self.engine.abort(command.seq_id))
             self._stats = self.engine.stats()

@@ -51,9 +51,17 @@ class PooledExperts:
 
     def __init__(self, pool: ExpertPool, keys: Sequence[Hashable], prefetcher: Prefetcher | None = None, min_probability: float = 0.8):
         self.pool, self.prefetcher, self.min_probability = pool, prefetcher, min_probability
-        largest = max(pool.source.expert_nbytes(key) for key in keys)
-        if largest > pool.device_budget:
-            raise ValueError(f"the device budget ({pool.device_budget} bytes) is smaller than one expert ({largest} bytes)")
+        self.largest_expert = max(pool.source.expert_nbytes(key) for key in keys)
+        self._check_budget(pool.device_budget)
+
+    def _check_budget(self, nbytes: int) -> None:
+        if nbytes < self.largest_expert:
+            raise ValueError(f"the device budget ({nbytes} bytes) is smaller than one expert ({self.largest_expert} bytes)")
+
+    def set_device_budget(self, nbytes: int) -> None:
+        """Change the pool's device budget between forward passes; ValueError below one expert."""
+        self._check_budget(nbytes)
+        self.pool.set_device_budget(nbytes)
 
     def plan(self, layer: int, forecasts: list[Forecast]) -> list[PrefetchRequest]:
         """Give the trace-aware policy fresh reuse estimates; the prefetch requests the forecasts call for.

@@ -138,6 +138,21 @@ class ExpertPool:
             self.stats.prefetched_bytes += nbytes
         return True
 
+    def set_device_budget(self, nbytes: int) -> None:
+        """Grow or shrink the budget now; shrinking evicts (policy order) until the experts held fit.
+
+        Fetches in flight keep their room until they land; later demands then evict down to the budget.
+        Call it between forward passes: a shrink may evict experts the last layer used.
+        """
+        with self._cond:
+            self.device_budget = nbytes
+            while self._reserved > nbytes:
+                victim = self.policy.choose_victim(list(self._device), frozenset())
+                if victim is None:
+                    break
+                self._evict(victim)
+            self._cond.notify_all()
+
     def resident_keys(self) -> set[Hashable]:
         with self._cond:
             return set(self._device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -19,7 +20,13 @@ from moeplex.model.sampling import SamplingParams
 from moeplex.server.errors import APIError, generation_failed, install_error_handlers
 from moeplex.server.generation import GenerationJob
 from moeplex.server.metrics import ServerMetrics
-from moeplex.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from moeplex.server.options import MIB
+from moeplex.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ExpertBudgetRequest,
+    SamplingFields,
+)
 
 
 @dataclass
@@ -113,7 +120,28 @@ def create_app(llm: LLM, settings: ServerSettings | None = None, close_llm_on_sh
         response = ChatFormat(llm, body, variant, [len(prompt)])
         return await respond(job, response, body, request)
 
+    @app.get("/admin/expert-budget", dependencies=[Depends(authorized)])
+    async def expert_budget():
+        return expert_budget_reply(llm)
+
+    @app.put("/admin/expert-budget", dependencies=guarded)
+    async def set_expert_budget(body: ExpertBudgetRequest):
+        if llm.engine.offloaded is None:
+            raise APIError(409, "every expert is resident: serve with --expert-budget-mib to change the budget live", code="offloading_off")
+        try:
+            await asyncio.to_thread(llm.set_expert_budget, int(body.mib * MIB))  # applied between two engine steps
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="mib", code="invalid_parameter") from exc
+        return expert_budget_reply(llm)
+
     return app
+
+
+def expert_budget_reply(llm: LLM) -> dict:
+    """The device budget for experts and the bytes resident now, in MiB (budget None: every expert resident)."""
+    stats = llm.loop.stats()
+    budget = stats.expert_budget_bytes
+    return {"expert_budget_mib": None if budget is None else budget / MIB, "resident_mib": stats.expert_bytes["device"] / MIB}
 
 
 def known_variant(llm: LLM, model: str) -> str:

@@ -43,6 +43,7 @@ class EngineCollector:
         yield CounterMetricFamily("moeplex_aborted_sequences", "Sequences cancelled before they finished", value=stats.aborted)
         yield CounterMetricFamily("moeplex_failed_sequences", "Sequences ended by an error (an expert they needed could not be read)", value=stats.failed)
         if stats.offload is not None:
+            yield GaugeMetricFamily("moeplex_expert_budget_bytes", "Device bytes for experts (changed live by PUT /admin/expert-budget)", value=stats.expert_budget_bytes)
             yield from offload_metrics(stats.offload)
 
 

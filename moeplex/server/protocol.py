@@ -15,6 +15,12 @@ SEED_RANGE = dict(ge=-(2**63), le=2**63 - 1)
 StopStrings = Annotated[str, Field(max_length=256)] | Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=MAX_STOP_STRINGS)]
 
 
+class ExpertBudgetRequest(BaseModel):
+    """PUT /admin/expert-budget: the new device budget for routed experts, in MiB."""
+
+    mib: float = Field(gt=0, le=2**30)
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
