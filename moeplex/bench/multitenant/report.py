@@ -84,8 +84,6 @@ def format_markdown(result: dict) -> str:
         lines += [f"### {count} variants ({', '.join(comparison['variants'])})", "",
                   f"Rates are multiples of {comparison['capacity_reference']}'s closed-loop capacity, {comparison['capacity_requests_per_second']:.2f} requests/s.", ""]
         lines += system_table(comparison, claims) + [""] + sweep_table(comparison) + [""]
-        notes = sorted({note for run in comparison["systems"].values() for note in run["notes"]})
-        lines += [f"Note: {note}" for note in notes] + ([""] if notes else [])
     lines += ["Targets:", ""] + [f"- {line.strip()}" for line in target_lines(result)]
     return "\n".join(lines) + "\n"
 

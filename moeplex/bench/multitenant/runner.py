@@ -44,7 +44,7 @@ def compare_at(variants: list[str], store: Path, singles: dict[str, Path], check
     prompts = variant_prompts(variants, settings.prompt_source)
     options = ServeOptions(dtype=settings.dtype, max_num_seqs=max(16, settings.concurrency), offload_policy=settings.offload_policy, prefetch=settings.prefetch)
     systems = build_systems(settings.systems, store, singles, {v: checkpoints[v] for v in variants}, budget, settings.threads, options, out / "logs")
-    runs = {s.name: {"notes": s.notes, "sweep": []} for s in systems}
+    runs = {s.name: {"sweep": []} for s in systems}
     raw: dict[str, dict] = {s.name: {"sweep": []} for s in systems}
     try:
         clock.say(f"{count} variants: starting {', '.join(f'{s.name} (x{len(s.servers)})' for s in systems)}")

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from moeplex.bench.multitenant.metrics import gauge_total, parse_queue_histogram
@@ -13,15 +11,6 @@ from moeplex.bench.multitenant.options import SYSTEM_NAMES
 from moeplex.bench.multitenant.processes import ServerProcess
 from moeplex.bench.multitenant.stores import MIB
 from moeplex.store.layout import TOKENIZER
-
-
-def serve_flags() -> dict[str, argparse.Action]:
-    """The options `moeplex serve` has in this checkout (offloading flags arrive with the engine that honours them)."""
-    from moeplex.server.options import add_serve_options
-
-    parser = argparse.ArgumentParser()
-    add_serve_options(parser)
-    return {option: action for action in parser._actions for option in action.option_strings}
 
 
 @dataclass(frozen=True)
@@ -42,7 +31,6 @@ class System:
     name: str
     servers: list[ServerProcess]
     routes: dict[str, tuple[int, str]]  # variant -> (index into servers, model name it is requested as)
-    notes: list[str] = field(default_factory=list)
 
     def route(self, variant: str) -> tuple[str, str]:
         index, model = self.routes[variant]
@@ -81,23 +69,14 @@ class System:
         return total
 
 
-def moeplex_server(name: str, store: Path, budget_bytes: int | None, threads: int, options: ServeOptions, log: Path, notes: list[str]) -> ServerProcess:
-    """`moeplex serve STORE` with the device expert budget, threads and offloading options, where this checkout's serve has them."""
-    flags = serve_flags()
+def moeplex_server(name: str, store: Path, budget_bytes: int | None, threads: int, options: ServeOptions, log: Path) -> ServerProcess:
+    """`moeplex serve STORE` with the device expert budget (None: every expert resident), threads and offloading options."""
     args = ["moeplex.cli", "serve", str(store), "--dtype", options.dtype, "--max-num-seqs", str(options.max_num_seqs),
-            "--max-model-len", str(options.max_model_len), "--max-pending", "4096"]
-    wanted = {"--threads": str(threads)}
+            "--max-model-len", str(options.max_model_len), "--max-pending", "4096", "--threads", str(threads)]
     if budget_bytes is not None:
-        budget = budget_bytes / MIB
-        wanted["--expert-budget-mib"] = str(max(1, math.floor(budget))) if flags.get("--expert-budget-mib") and flags["--expert-budget-mib"].type is int else f"{budget:.4f}"
-        wanted["--offload-policy"] = options.offload_policy
+        args += ["--expert-budget-mib", f"{budget_bytes / MIB:.4f}", "--offload-policy", options.offload_policy]
         if not options.prefetch:
-            wanted["--no-prefetch"] = ""
-    for flag, value in wanted.items():
-        if flag in flags:
-            args += [flag] + ([value] if value else [])
-        else:
-            notes.append(f"{name}: `moeplex serve` has no {flag} in this checkout; not applied")
+            args.append("--no-prefetch")
     return ServerProcess(name, args, threads, log)
 
 
@@ -117,16 +96,15 @@ def build_systems(
     count = len(variants)
     systems = []
     for name in names:
-        notes: list[str] = []
         if name == "moeplex":
-            servers = [moeplex_server(name, store, budget_bytes, threads, options, logs / "moeplex.log", notes)]
+            servers = [moeplex_server(name, store, budget_bytes, threads, options, logs / "moeplex.log")]
             routes = {v: (0, v) for v in variants}
         elif name == "static":
             share = max(1, threads // count)
-            servers = [moeplex_server(name, single_stores[v], budget_bytes // count, share, options, logs / f"static-{v}.log", notes) for v in variants]
+            servers = [moeplex_server(name, single_stores[v], budget_bytes // count, share, options, logs / f"static-{v}.log") for v in variants]
             routes = {v: (i, v) for i, v in enumerate(variants)}
         elif name == "single":
-            servers = [moeplex_server(name, single_stores[variants[0]], budget_bytes, threads, options, logs / "single.log", notes)]
+            servers = [moeplex_server(name, single_stores[variants[0]], budget_bytes, threads, options, logs / "single.log")]
             routes = {v: (0, variants[0]) for v in variants}
         elif name == "swapping":
             servers = [baseline_server(name, "swap_server", checkpoints, store / TOKENIZER, threads, options.dtype, logs / "swapping.log")]
@@ -136,5 +114,5 @@ def build_systems(
             routes = {v: (0, v) for v in variants}
         else:
             raise ValueError(f"unknown system '{name}'; expected one of {', '.join(SYSTEM_NAMES)}")
-        systems.append(System(name, servers, routes, sorted(set(notes))))
+        systems.append(System(name, servers, routes))
     return systems
