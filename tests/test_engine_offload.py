@@ -94,6 +94,24 @@ def test_variants_share_one_resident_copy_of_a_shared_expert(store):
         engine.close()
 
 
+def test_prediction_runs_only_while_the_budget_cannot_hold_every_expert(store):
+    requests = make_requests(store)
+    expected = resident_tokens(store, requests)
+    engine = offloaded_engine(store, 100)  # room for everything
+    planned = []
+    plan = engine.offloaded.pooled.plan
+    engine.offloaded.pooled.plan = lambda layer, forecasts: planned.append(len(forecasts)) or plan(layer, forecasts)
+    try:
+        assert run_engine(engine, requests) == expected
+        assert planned == [] and len(engine.offloaded.library) >= 3, "traced, but nothing predicted or prefetched"
+        engine.set_expert_budget(2 * expert_bytes(store))
+        assert run_engine(engine, requests) == expected
+        assert planned and all(count > 0 for count in planned), "a budget below the experts turns prediction on"
+        assert engine.stats().offload.evictions > 0
+    finally:
+        engine.close()
+
+
 def test_a_budget_below_one_expert_is_refused(store):
     with pytest.raises(ValueError, match="smaller than one expert"):
         Engine(store, EngineConfig(dtype=torch.float32, expert_budget_bytes=expert_bytes(store) - 1))

@@ -81,8 +81,9 @@ class OffloadedStepExperts:
     A variant that shares an expert shares its resident copy. Each variant has its own forecaster
     (its routers drive look-ahead; all share the store's trace library); a variant's requests from the
     step it joins until it has no unfinished sequence are traced as one request. Per layer each group
-    is observed, the reuse estimates are summed and the prefetch requests joined over variants, and
-    then the step's tokens run through `PooledExperts` (chunks that fit the budget).
+    is observed, the reuse estimates are summed and the prefetch requests joined over variants (only
+    traced while the budget holds every expert), and then the step's tokens run through
+    `PooledExperts` (chunks that fit the budget).
     """
 
     def __init__(self, store: Path, manifest: Manifest, spec: ModelSpec, tables: dict[str, ExpertTable], config: OffloadConfig, dtype: torch.dtype, device):
@@ -121,11 +122,13 @@ class OffloadedStepExperts:
             self.tracing.discard(variant)
 
     def __call__(self, layer: int, routed: list[RoutedTokens]) -> torch.Tensor:
-        forecasts = [
-            Forecast(self.tables[r.variant], self.positions[r.variant], self.forecasters[r.variant].observe(layer, r.hidden, r.expert_ids))
-            for r in routed
-            if r.variant in self.forecasters
-        ]
+        predict = self.pooled.needs_forecasts
+        forecasts = []
+        for r in routed:
+            if r.variant in self.forecasters:
+                outlook = self.forecasters[r.variant].observe(layer, r.hidden, r.expert_ids, predict)
+                if outlook is not None:
+                    forecasts.append(Forecast(self.tables[r.variant], self.positions[r.variant], outlook))
         prefetch = self.pooled.plan(layer, forecasts) if forecasts else []
         hidden, rows, weights = joined(layer, routed, self.rows)
         return self.pooled.run(hidden, rows, weights, self.keys, prefetch)

@@ -45,9 +45,15 @@ class ExpertForecaster:
     def end_request(self) -> None:
         self.tracer.end()
 
-    def observe(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor) -> Outlook:
-        """hidden [T, H] is the layer's router input, expert_ids [T, k] its choice."""
+    def observe(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, predict: bool = True) -> Outlook | None:
+        """hidden [T, H] is the layer's router input, expert_ids [T, k] its choice.
+
+        With predict=False (the caller has no use for a forecast) only the trace is kept and None is
+        returned, unless predictions are being scored.
+        """
         self.tracer.record(layer, expert_ids)
+        if not predict and self.scorer is None:
+            return None
         targets, distances = self._targets(layer)
         same_token = [layer + d < self.num_layers for d in distances]
         window = self.predictor.predict(hidden, targets, same_token)  # [W, E]

@@ -52,7 +52,13 @@ class PooledExperts:
     def __init__(self, pool: ExpertPool, keys: Sequence[Hashable], prefetcher: Prefetcher | None = None, min_probability: float = 0.8):
         self.pool, self.prefetcher, self.min_probability = pool, prefetcher, min_probability
         self.largest_expert = max(pool.source.expert_nbytes(key) for key in keys)
+        self.total_bytes = sum(pool.source.expert_nbytes(key) for key in keys)
         self._check_budget(pool.device_budget)
+
+    @property
+    def needs_forecasts(self) -> bool:
+        """False while the device budget holds every expert: nothing is ever evicted, so prediction and prefetching gain nothing."""
+        return self.total_bytes > self.pool.device_budget
 
     def _check_budget(self, nbytes: int) -> None:
         if nbytes < self.largest_expert:
@@ -140,8 +146,8 @@ class PooledExperts:
 class OffloadedExperts:
     """ExpertCompute of one model whose weights come from an ExpertPool.
 
-    Per sparse layer: the forecaster traces the router's choice and predicts the next layers; the
-    trace-aware policy gets fresh reuse estimates; the layer's experts are made resident (in chunks
+    Per sparse layer: the forecaster traces the router's choice and (unless the device budget holds
+    every expert) predicts the next layers; the trace-aware policy gets fresh reuse estimates; the layer's experts are made resident (in chunks
     that fit the device budget, so any budget of at least one expert works); the prefetcher gets the
     predicted experts of the next layers; then the experts run on their tokens.
     """
@@ -169,8 +175,9 @@ class OffloadedExperts:
     def __call__(self, layer, hidden, expert_ids, routing_weights):
         prefetch = []
         if self.forecaster is not None:
-            outlook = self.forecaster.observe(layer, hidden, expert_ids)
-            prefetch = self.pooled.plan(layer, [Forecast(self.table, self.positions, outlook)])
+            outlook = self.forecaster.observe(layer, hidden, expert_ids, predict=self.pooled.needs_forecasts)
+            if outlook is not None:
+                prefetch = self.pooled.plan(layer, [Forecast(self.table, self.positions, outlook)])
         return self.pooled.run(hidden, expert_ids, routing_weights, self.table[layer], prefetch)
 
     @contextmanager
