@@ -54,6 +54,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 def run_from_options(args: argparse.Namespace) -> dict:
     """Run the comparison the options describe, write the report to --out, print its table, write --json."""
+    from moeplex.bench.multitenant.processes import stop_servers_on_sigterm
     from moeplex.bench.multitenant.report import format_summary
     from moeplex.bench.multitenant.runner import run_multitenant_benchmark
 
@@ -63,5 +64,6 @@ def run_from_options(args: argparse.Namespace) -> dict:
         closed_loop_requests=args.requests, threads=args.threads, dtype=args.dtype, budget_mib=args.budget_mib,
         offload_policy=args.offload_policy, prefetch=not args.no_prefetch, seed=args.seed,
     )
+    stop_servers_on_sigterm()
     result = run_multitenant_benchmark(args.store, args.out, settings)
     return publish(format_summary(result), result, args.json)

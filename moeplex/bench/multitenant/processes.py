@@ -14,6 +14,15 @@ from pathlib import Path
 import httpx
 
 
+def stop_servers_on_sigterm() -> None:
+    """Make SIGTERM raise SystemExit, so that the `finally` blocks stopping the benchmark's servers run (no orphans)."""
+
+    def leave(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
