@@ -147,9 +147,10 @@ class OffloadedExperts:
     """ExpertCompute of one model whose weights come from an ExpertPool.
 
     Per sparse layer: the forecaster traces the router's choice and (unless the device budget holds
-    every expert) predicts the next layers; the trace-aware policy gets fresh reuse estimates; the layer's experts are made resident (in chunks
-    that fit the device budget, so any budget of at least one expert works); the prefetcher gets the
-    predicted experts of the next layers; then the experts run on their tokens.
+    every expert) predicts the next layers; the trace-aware policy gets fresh reuse estimates; the
+    layer's experts are made resident (in chunks that fit the device budget, so any budget of at least
+    one expert works); the prefetcher gets the predicted experts of the next layers; then the experts
+    run on their tokens.
     """
 
     def __init__(
