@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import deque
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import safetensors.torch
 import torch
 
 from moeplex.errors import MoeplexError
+from moeplex.store.atomic import replace_file
 
 TRACES_FOLDER = "traces"  # inside a store
 MATRICES_FILE = "traces.safetensors"
@@ -54,8 +54,8 @@ class TraceLibrary:
             "capacity": self.capacity, "variants": [v for v, _ in self._entries],
         }
         stacked = torch.stack([m for _, m in self._entries]) if self._entries else torch.zeros(0, self.num_layers, self.num_experts)
-        _replace_file(folder / MATRICES_FILE, safetensors.torch.save({"matrices": stacked.contiguous()}))
-        _replace_file(folder / INDEX_FILE, (json.dumps(index, indent=1) + "\n").encode())
+        replace_file(folder / MATRICES_FILE, safetensors.torch.save({"matrices": stacked.contiguous()}))
+        replace_file(folder / INDEX_FILE, (json.dumps(index, indent=1) + "\n").encode())
 
     @staticmethod
     def load(folder: str | Path, capacity: int | None = None) -> TraceLibrary:
@@ -105,8 +105,3 @@ class ActivationTracer:
             self.library.add(self.variant, self.matrix)
         self.variant = None
 
-
-def _replace_file(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)

@@ -1,4 +1,4 @@
-"""Write a folder all-or-nothing: build it in a temporary sibling, then rename it into place."""
+"""Write all-or-nothing: a folder built in a temporary sibling, or a file written beside its path, then renamed into place."""
 
 from __future__ import annotations
 
@@ -38,6 +38,25 @@ def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
         _publish(staging, out, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_file(path: Path, data: bytes) -> Path:
+    """Replace `path` with data in one step: a crash leaves the old file or the new one, never half of one.
+
+    Writes a temporary sibling, fsyncs it, renames it over `path`, fsyncs the folder.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    _fsync(path.parent)
+    return path
 
 
 def sync_tree(folder: Path) -> None:
