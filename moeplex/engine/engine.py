@@ -29,6 +29,7 @@ from moeplex.model.sampling import SamplingParams, sample_token
 from moeplex.model.stopping import append_token
 from moeplex.offload.pool import ExpertUnavailableError, PoolStats
 from moeplex.planner.placement import apply_placement
+from moeplex.store.experts import bank_order
 from moeplex.store.layout import TOKENIZER
 from moeplex.store.reader import StoreReader
 
@@ -82,6 +83,8 @@ class Engine:
         self.offloaded: OffloadedStepExperts | None = None
         self.runner = MixedVariantRunner(self.spec, self._make_experts(reader), config.dtype, config.device)
         self.backbones = self._make_residency(reader)
+        if self.backbones.capacity == len(self.variants):  # every backbone stays: stack them for variant-batched steps
+            self.runner.stack_backbones({variant: self.backbones.resident[variant] for variant in self.variants})
         element_size = torch.empty((), dtype=config.dtype).element_size()
         self.kv_budget = KVCacheBudget(config.kv_cache_bytes, kv_bytes_per_token(self.spec, element_size), config.kv_initial_tokens)
         if self.kv_budget.worst_case_bytes(self.max_model_len) > config.kv_cache_bytes:
@@ -109,7 +112,7 @@ class Engine:
         if offload is not None:
             self.offloaded = OffloadedStepExperts(reader.path, reader.manifest, self.spec, tables, offload, config.dtype, config.device)
             return self.offloaded
-        used = [expert_id for table in tables.values() for row in table if row for expert_id in row]
+        used = bank_order(list(tables.values()))
         bank = reader.load_expert_bank(used, self.spec, config.dtype, config.device)
         self.placement = apply_placement(reader.path, bank) if config.use_placement else None
         return BankStepExperts(bank, tables, config.device)
@@ -176,7 +179,7 @@ class Engine:
         backbones = self.backbones.ensure(plan.variants)
         self._prefetch_next_variant()
         groups, group_chunks = [], []
-        for variant in plan.variants:
+        for variant in self.runner.ordered(plan.variants):
             chunks = [c for c in plan.chunks if c.seq.variant == variant]
             groups.append(VariantGroup(variant, backbones[variant], self._step_tokens(chunks), [self._cache_chunk(c) for c in chunks]))
             group_chunks.append(chunks)

@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
+from moeplex.model.grouped import GroupedWeight, group_offsets, grouped_linear, grouped_matmul_available
 from moeplex.model.ops import swiglu_mlp
 
 
@@ -45,6 +47,30 @@ def group_tokens_by_expert(expert_ids: torch.Tensor) -> list[tuple[int, torch.Te
     return groups
 
 
+def grouped_experts(
+    hidden: torch.Tensor,  # [T, H]
+    expert_ids: torch.Tensor,  # [T, k], rows of the stacks
+    routing_weights: torch.Tensor,  # [T, k]
+    gate_up: torch.Tensor,  # [N, 2I, H]
+    down: torch.Tensor,  # [N, H, I]
+) -> torch.Tensor:
+    """Weighted SwiGLU outputs [T, H] of every (token, choice), all experts in two grouped matmuls.
+
+    Only the span of stack rows the step uses takes part, so a bank that stacks the experts of many
+    layers (grouped by layer) costs no more than one layer's stack.
+    """
+    flat = expert_ids.flatten()  # [T*k]
+    first, last = int(flat.min()), int(flat.max())
+    order = torch.argsort(flat, stable=True)
+    offsets = group_offsets(flat[order] - first, last - first + 1)
+    rows = order // expert_ids.shape[1]  # token of each sorted (token, choice)
+    gate, up = grouped_linear(hidden[rows], GroupedWeight(gate_up[first : last + 1], offsets)).chunk(2, dim=-1)  # [T*k, I] each
+    y = grouped_linear(F.silu(gate) * up, GroupedWeight(down[first : last + 1], offsets))  # [T*k, H]
+    out = torch.zeros_like(hidden)
+    out.index_add_(0, rows, (y * routing_weights.flatten()[order, None]).to(out.dtype))
+    return out
+
+
 class DenseExperts:
     """All experts resident, as per-layer stacks gate_up [E, 2I, H] and down [E, H, I]."""
 
@@ -52,6 +78,8 @@ class DenseExperts:
         self.gate_up, self.down = gate_up, down
 
     def __call__(self, layer, hidden, expert_ids, routing_weights):
+        if grouped_matmul_available(hidden.device):
+            return grouped_experts(hidden, expert_ids, routing_weights, self.gate_up[layer], self.down[layer])
         out = torch.zeros_like(hidden)
         flat_weights = routing_weights.flatten()
         for expert, rows, slots in group_tokens_by_expert(expert_ids):

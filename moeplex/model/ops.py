@@ -5,13 +5,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moeplex.model.grouped import GroupedWeight, grouped_linear
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, in] @ weight[out, in].T (+ bias) -> [T, out].
 
-    A single row goes through torch.mv: on CPU its bf16 GEMV streams weights about twice as fast
-    as F.linear's M=1 path (`moeplex bench decode` measures the effect end to end).
+def linear(x: torch.Tensor, weight: torch.Tensor | GroupedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, in] @ weight[out, in].T (+ bias) -> [T, out]; bias [out] or one per row [T, out].
+
+    A GroupedWeight multiplies each row group by its own matrix (`moeplex.model.grouped`). A single
+    row goes through torch.mv: on CPU its bf16 GEMV streams weights about twice as fast as F.linear's
+    M=1 path (`moeplex bench decode` measures the effect end to end).
     """
+    if isinstance(weight, GroupedWeight):
+        out = grouped_linear(x, weight)
+        return out if bias is None else out + bias
     if x.shape[0] == 1 and x.device.type == "cpu":
         out = torch.mv(weight, x[0]).unsqueeze(0)
         return out if bias is None else out + bias
@@ -19,7 +25,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32, cast back, then scaled (the order transformers uses)."""
+    """RMSNorm computed in fp32, cast back, then scaled (the order transformers uses); weight may hold one row per token."""
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)

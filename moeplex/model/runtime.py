@@ -48,11 +48,7 @@ class MoEModel:
         positions = chunk_positions(chunks).to(self.device)
         cos, sin = self.rope.cos_sin(positions, self.dtype)
         h = F.embedding(token_ids.to(self.device), self.backbone.embed)  # [T, H]
-        for layer, weights in enumerate(self.backbone.layers):
-            x = rms_norm(h, weights.attn_norm, self.spec.rms_norm_eps)
-            h = h + attention(self.spec, layer, x, weights.attention, cos, sin, chunks)
-            x = rms_norm(h, weights.mlp_norm, self.spec.rms_norm_eps)
-            h = h + self._feed_forward(layer, weights, x)
+        h = decoder_layers(self.spec, self.backbone.layers, h, cos, sin, chunks, self.experts)
         for chunk in chunks:
             chunk.cache.length = chunk.start + chunk.num_tokens
         if not all_logits:
@@ -60,12 +56,25 @@ class MoEModel:
         h = rms_norm(h, self.backbone.final_norm, self.spec.rms_norm_eps)
         return linear(h, self.backbone.lm_head).float()
 
-    def _feed_forward(self, layer: int, weights: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        if weights.router is None:
-            return swiglu_mlp(x, weights.dense_mlp.gate_up, weights.dense_mlp.down)
-        expert_ids, routing_weights = route(self.spec, x, weights.router)
-        out = self.experts(layer, x, expert_ids, routing_weights)
-        return add_shared_expert(out, weights, x)
+
+def decoder_layers(
+    spec: ModelSpec, layers: list[LayerWeights], h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunks: list[SequenceChunk], experts: ExpertCompute
+) -> torch.Tensor:
+    """The residual stream h [T, H] after every decoder layer (attention, then the dense or routed MLP)."""
+    for layer, weights in enumerate(layers):
+        x = rms_norm(h, weights.attn_norm, spec.rms_norm_eps)
+        h = h + attention(spec, layer, x, weights.attention, cos, sin, chunks)
+        x = rms_norm(h, weights.mlp_norm, spec.rms_norm_eps)
+        h = h + feed_forward(spec, layer, weights, x, experts)
+    return h
+
+
+def feed_forward(spec: ModelSpec, layer: int, weights: LayerWeights, x: torch.Tensor, experts: ExpertCompute) -> torch.Tensor:
+    """The layer's MLP on normalized x [T, H]: dense, or routed experts plus the shared expert when there is one."""
+    if weights.router is None:
+        return swiglu_mlp(x, weights.dense_mlp.gate_up, weights.dense_mlp.down)
+    expert_ids, routing_weights = route(spec, x, weights.router)
+    return add_shared_expert(experts(layer, x, expert_ids, routing_weights), weights, x)
 
 
 def chunk_positions(chunks: list[SequenceChunk]) -> torch.Tensor:

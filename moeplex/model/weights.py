@@ -59,7 +59,9 @@ def load_backbone(
     require_runtime(family)
 
     def get(name: str) -> torch.Tensor:
-        return read_backbone_tensor(family, reader, spec, name).to(device=device, dtype=dtype)
+        # A copy of our own: tensors read from a file may start at any byte, and on some CPUs (AVX2 MKL) a matmul's
+        # rounding depends on its operands' alignment, which would make logits depend on the checkpoint's layout.
+        return read_backbone_tensor(family, reader, spec, name).to(device=device, dtype=dtype, copy=True)
 
     def maybe(name: str, present: bool) -> torch.Tensor | None:
         return get(name) if present else None

@@ -10,6 +10,12 @@ from moeplex.store.manifest import ExpertTable
 BANK_LAYER = 0  # the bank stacks every unique expert as if they were the experts of one layer
 
 
+def bank_order(tables: list[ExpertTable]) -> list[str]:
+    """Every expert id the tables use, once, layer by layer: each layer's experts are then consecutive bank rows."""
+    num_layers = max((len(table) for table in tables), default=0)
+    return list(dict.fromkeys(i for layer in range(num_layers) for table in tables if table[layer] for i in table[layer]))
+
+
 class ExpertBank:
     """Every unique expert that the loaded variants use, resident once: gate_up [N, 2I, H], down [N, H, I].
 

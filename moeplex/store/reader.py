@@ -19,7 +19,7 @@ from moeplex.model.spec import ModelSpec
 from moeplex.model.weights import Backbone, load_backbone
 from moeplex.store.blobs import check_blob, read_checked
 from moeplex.store.errors import StoreError
-from moeplex.store.experts import ExpertBank, StoreExperts
+from moeplex.store.experts import ExpertBank, StoreExperts, bank_order
 from moeplex.store.manifest import ExpertTable, read_manifest
 
 class BackboneFile:
@@ -146,7 +146,7 @@ class StoreReader:
         """Models of several variants sharing one expert bank: each unique expert is resident once."""
         require_runtime(self.family(variants[0]))
         tables = {variant: self.expert_table(variant) for variant in variants}
-        used = [expert_id for table in tables.values() for row in table if row for expert_id in row]
+        used = bank_order(list(tables.values()))
         bank = self.load_expert_bank(used, self.spec(variants[0]), dtype, device, progress)
         return {
             variant: MoEModel(
