@@ -6,10 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from moeplex.dtypes import DTYPE_CHOICES, DTYPE_HELP
 from moeplex.errors import MoeplexError
 from moeplex.results import write_json
-
-DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +99,7 @@ def _add_generate(commands) -> None:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default: 0)")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    gen.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     gen.set_defaults(handler=_generate)
 
 
@@ -124,19 +123,18 @@ def _add_eval(commands) -> None:
     ppl.add_argument("--json", type=Path, help="write {models: {NAME: {DOMAIN: ppl}}, own_domain: {...}} here")
     ppl.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens per domain (default: 4096)")
     ppl.add_argument("--window", type=int, default=256, help="tokens per scored window (default: 256)")
-    ppl.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    ppl.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     ppl.set_defaults(handler=_eval_ppl)
 
 
 def _eval_ppl(args) -> int:
-    import torch
-
+    from moeplex.dtypes import resolve_dtype
     from moeplex.eval.domains import PerplexityReport, evaluate_models
     from moeplex.main_job import resolve_models
 
     models, own_domain = resolve_models(args.models)
     report = PerplexityReport(
-        evaluate_models(models, max_tokens=args.max_tokens, window=args.window, dtype=getattr(torch, DTYPES[args.dtype])),
+        evaluate_models(models, max_tokens=args.max_tokens, window=args.window, dtype=resolve_dtype(args.dtype)),
         own_domain,
     )
     print(report.table())

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 from transformers import AutoTokenizer
 
+from moeplex.dtypes import resolve_dtype
 from moeplex.errors import MoeplexError
 from moeplex.model.generate import generate
 from moeplex.model.runtime import load_model
@@ -47,7 +47,7 @@ def resolve_models(names: list[str]) -> tuple[dict[str, Path], dict[str, str]]:
 
 def generate_for_each_model(args) -> None:
     models, own_domain = resolve_models(args.models)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    dtype = resolve_dtype(args.dtype)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     for name, folder in models.items():
         started = time.perf_counter()

@@ -21,6 +21,7 @@ import torch
 
 from moeplex.bench.measure import median
 from moeplex.bench.serve_options import ServeBenchSettings
+from moeplex.dtypes import resolve_dtype
 from moeplex.engine import LLM, EngineConfig
 from moeplex.server import BackgroundServer, create_app
 from moeplex.store import StoreReader
@@ -93,7 +94,7 @@ async def open_loop(url: str, requests: list[BenchRequest], rate: float, setting
 
 def engine_config(settings: ServeBenchSettings, backbone_budget_bytes: int | None = None) -> EngineConfig:
     return EngineConfig(
-        dtype=torch.bfloat16 if settings.dtype == "bf16" else torch.float32,
+        dtype=resolve_dtype(settings.dtype),
         max_num_seqs=settings.concurrency,
         max_num_batched_tokens=max(256, settings.concurrency * settings.prompt_tokens),
         max_model_len=settings.prompt_tokens + settings.output_tokens,

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from moeplex.dtypes import DTYPE_CHOICES, DTYPE_HELP
 from moeplex.bench.options import add_json_option, add_threads_option, publish
 
 
@@ -20,7 +21,7 @@ class ServeBenchSettings:
     output_tokens: int = 32
     repeats: int = 3
     threads: int = 2
-    dtype: str = "bf16"
+    dtype: str = "auto"
     seed: int = 0
 
 
@@ -33,7 +34,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-tokens", type=int, default=defaults.output_tokens, help=f"tokens per completion (default: {defaults.output_tokens})")
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help=f"alternating runs per system (default: {defaults.repeats})")
     add_threads_option(parser, defaults.threads)
-    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=defaults.dtype, help=f"compute dtype (default: {defaults.dtype})")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=defaults.dtype, help=DTYPE_HELP)
 
 
 def run_from_options(args: argparse.Namespace) -> dict:

@@ -87,11 +87,28 @@ class StepBackbone:
     lm_head: torch.Tensor | GroupedWeight
 
 
+@dataclass
+class _StepLayout:
+    """What a step's backbone is apart from its tokens; reused while steps keep the same variants and row counts."""
+
+    token_rows: RowGroups
+    layers: list[LayerWeights]
+    final_norm: torch.Tensor
+    lm_head: torch.Tensor | GroupedWeight
+
+
 class StepWeights:
-    """Builds the StepBackbone of a step from its variant groups' backbones (in slot order when stacked)."""
+    """Builds the StepBackbone of a step from its variant groups' backbones (in slot order when stacked).
+
+    With stacks the backbones never change, so the weights of a step shape (variants, rows per variant)
+    are kept for the next steps of that shape: decoding repeats one shape step after step.
+    """
+
+    max_cached_shapes = 32
 
     def __init__(self, spec: ModelSpec, stacks: VariantStacks | None = None):
         self.spec, self.stacks = spec, stacks
+        self._layouts: dict[tuple, _StepLayout] = {}
 
     def ordered(self, variants: list[str]) -> list[str]:
         """The step's variants in the order their groups must run: by stack slot (as given without stacks)."""
@@ -101,16 +118,26 @@ class StepWeights:
 
     def build(self, variants: list[str], backbones: list[Backbone], tokens: list[int], heads: list[int], token_ids: torch.Tensor) -> StepBackbone:
         """tokens[i] and heads[i]: rows of group i in the token batch and in the last-token batch; variants as `ordered` gives them."""
-        device = token_ids.device
+        shape = (tuple(variants), tuple(tokens), tuple(heads))
+        layout = self._layouts.get(shape) if self.stacks is not None else None
+        if layout is None:
+            layout = self._layout(variants, backbones, tokens, heads, token_ids.device)
+            if self.stacks is not None:
+                if len(self._layouts) >= self.max_cached_shapes:
+                    self._layouts.clear()
+                self._layouts[shape] = layout
+        embedded = self._embed([b.embed for b in backbones], token_ids, layout.token_rows, tokens)
+        return StepBackbone(embedded, layout.layers, layout.final_norm, layout.lm_head)
+
+    def _layout(self, variants: list[str], backbones: list[Backbone], tokens: list[int], heads: list[int], device) -> _StepLayout:
         if self.stacks is not None:
             slots, count = [self.stacks.slot_of[v] for v in variants], len(self.stacks.slot_of)
         else:
             slots, count = list(range(len(variants))), len(variants)
         token_rows, head_rows = RowGroups.of(tokens, slots, count, device), RowGroups.of(heads, slots, count, device)
-        layers = [self._merge([b.layers[i] for b in backbones], f"layers.{i}.", token_rows) for i in range(self.spec.num_layers)]
-        return StepBackbone(
-            embedded=self._embed([b.embed for b in backbones], token_ids, token_rows, tokens),
-            layers=layers,
+        return _StepLayout(
+            token_rows=token_rows,
+            layers=[self._merge([b.layers[i] for b in backbones], f"layers.{i}.", token_rows) for i in range(self.spec.num_layers)],
             final_norm=self._merge([b.final_norm for b in backbones], "final_norm", head_rows),
             lm_head=self._merge([b.lm_head for b in backbones], "lm_head", head_rows),
         )

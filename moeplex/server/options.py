@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from moeplex.dtypes import DTYPE_CHOICES, DTYPE_HELP, resolve_dtype
+
 MIB = 2**20
 POLICIES = ("lru", "lfu", "trace")
 
@@ -15,7 +17,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     parser.add_argument("--api-key", default=os.environ.get("MOEPLEX_API_KEY"), help="require 'Authorization: Bearer KEY' on /v1 (default: $MOEPLEX_API_KEY; none: no check)")
-    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="compute dtype (default: bf16)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     parser.add_argument("--policy", choices=("fcfs", "variant-fair"), default="fcfs", help="scheduling policy (default: fcfs)")
     parser.add_argument("--max-num-seqs", type=int, default=16, help="sequences per step (default: 16)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=256, help="tokens per step; longer prompts are prefilled in chunks (default: 256)")
@@ -39,8 +41,6 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
 
 
 def serve_from_options(args: argparse.Namespace) -> None:
-    import torch
-
     from moeplex.engine import EngineConfig
     from moeplex.server.app import ServerSettings
     from moeplex.server.serve import serve
@@ -49,7 +49,7 @@ def serve_from_options(args: argparse.Namespace) -> None:
     reader = StoreReader(args.store)
     spec = reader.spec(reader.variants[0])
     model_limit = spec.max_position_embeddings
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    dtype = resolve_dtype(args.dtype)
     expert_budget = offload_budget(args, spec.expert_numel * dtype.itemsize)
     config = EngineConfig(
         dtype=dtype,
