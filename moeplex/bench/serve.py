@@ -147,6 +147,7 @@ def run_serve_benchmark(store: Path, settings: ServeBenchSettings) -> dict:
         "single": summary["single"],
         "one_backbone": one_backbone,
         "settings": asdict(settings),
+        "compute_dtype": str(llm.engine.config.dtype).removeprefix("torch."),
         "store": str(store),
     }
 
