@@ -9,9 +9,9 @@ import yaml
 from moeplex.consolidate.family_spec import load_family_spec
 from moeplex.engine import Engine, EngineConfig
 from moeplex.engine.step_weights import StepWeights, VariantStacks
+from moeplex.model.attention import AttentionWeights
 from moeplex.model.grouped import GroupedWeight
 from moeplex.model.weights import Backbone, LayerWeights
-from moeplex.model.attention import AttentionWeights
 from moeplex.store import StoreReader
 from moeplex.store.writer import write_store
 from tests.conftest import family_configs, make_hf_model

@@ -6,8 +6,8 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from moeplex.dtypes import DTYPE_CHOICES, DTYPE_HELP
 from moeplex.bench.options import add_json_option, add_threads_option, publish
+from moeplex.dtypes import DTYPE_CHOICES, DTYPE_HELP
 
 
 @dataclass(frozen=True)

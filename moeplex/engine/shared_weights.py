@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import weakref
 
 import torch
 
-from moeplex.model.weights import Backbone
+from moeplex.model.weights import Backbone, tensor_fields
 
 
 class IdenticalTensorPool:
     """Replaces each backbone tensor by an equal one already resident at the same place (e.g. `layers.3.router`).
 
     Fine-tunes often leave embeddings, lm_head or whole layers untouched; those tensors are then held
-    once, and the mixed-variant runner, which groups work by tensor identity, runs them for all such
-    variants together. The pool holds weak references only: evicted backbones are not kept alive.
+    once; a step whose variants all hold the same tensor runs it as one plain matmul, and `VariantStacks`
+    does not stack it. The pool holds weak references only: evicted backbones are not kept alive.
     """
 
     def __init__(self):
@@ -25,19 +24,9 @@ class IdenticalTensorPool:
 
     def share(self, backbone: Backbone) -> Backbone:
         with self._lock:
-            self._share_fields(backbone, "")
+            for path, (owner,), field in tensor_fields([backbone]):
+                setattr(owner, field, self._canonical(path, getattr(owner, field)))
         return backbone
-
-    def _share_fields(self, obj, path: str) -> None:
-        for field in dataclasses.fields(obj):
-            value, name = getattr(obj, field.name), f"{path}{field.name}"
-            if isinstance(value, torch.Tensor):
-                setattr(obj, field.name, self._canonical(name, value))
-            elif dataclasses.is_dataclass(value):
-                self._share_fields(value, f"{name}.")
-            elif isinstance(value, list):
-                for index, item in enumerate(value):
-                    self._share_fields(item, f"{name}.{index}.")
 
     def _canonical(self, path: str, tensor: torch.Tensor) -> torch.Tensor:
         alive = [known for ref in self._resident.get(path, []) if (known := ref()) is not None]

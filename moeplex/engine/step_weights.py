@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from moeplex.model.grouped import GroupedWeight, group_offsets
 from moeplex.model.spec import ModelSpec
-from moeplex.model.weights import Backbone, LayerWeights
+from moeplex.model.weights import Backbone, LayerWeights, tensor_fields
 
 HEAD_NORMS = ("q_norm", "k_norm")  # per-head norms: their rows broadcast over the heads
 
@@ -34,28 +34,17 @@ class VariantStacks:
     def __init__(self, backbones: dict[str, Backbone]):
         self.slot_of = {variant: slot for slot, variant in enumerate(backbones)}
         self.stacks: dict[str, torch.Tensor] = {}
-        self._stacked: dict[tuple[int, ...], torch.Tensor] = {}  # tensors already stacked (tied embeddings and lm_head)
-        self._stack_fields(list(backbones.values()), "")
-        del self._stacked
-
-    def _stack_fields(self, objects: list, path: str) -> None:
-        for field in dataclasses.fields(objects[0]):
-            values, name = [getattr(o, field.name) for o in objects], f"{path}{field.name}"
-            first = values[0]
-            if isinstance(first, torch.Tensor):
-                if any(v is not first for v in values):
-                    key = tuple(id(v) for v in values)
-                    if key not in self._stacked:
-                        self._stacked[key] = torch.stack(values)
-                    stack = self._stacked[key]
-                    self.stacks[name] = stack
-                    for slot, obj in enumerate(objects):
-                        setattr(obj, field.name, stack[slot])
-            elif dataclasses.is_dataclass(first):
-                self._stack_fields(values, f"{name}.")
-            elif isinstance(first, list):
-                for index in range(len(first)):
-                    self._stack_fields([v[index] for v in values], f"{name}.{index}.")
+        stacked: dict[tuple[int, ...], torch.Tensor] = {}  # by the ids of the tensors: tied embeddings and lm_head stack once
+        for path, owners, field in tensor_fields(list(backbones.values())):
+            values = [getattr(owner, field) for owner in owners]
+            if all(v is values[0] for v in values):
+                continue
+            key = tuple(id(v) for v in values)
+            if key not in stacked:
+                stacked[key] = torch.stack(values)
+            self.stacks[path] = stacked[key]
+            for slot, owner in enumerate(owners):
+                setattr(owner, field, stacked[key][slot])
 
     @property
     def nbytes(self) -> int:

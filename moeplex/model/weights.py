@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +134,20 @@ def open_checkpoint(folder: str | Path) -> tuple[Family, CheckpointReader, Model
     reader = CheckpointReader(folder)
     family = family_for_config(reader.config)
     return family, reader, family.spec_from_config(reader.config)
+
+
+def tensor_fields(objects: list, path: str = "") -> Iterator[tuple[str, list, str]]:
+    """(path such as 'layers.3.attention.qkv', the objects holding it, field name) of every tensor field of
+    parallel trees of backbone dataclasses (one tree per variant, same architecture); owners may be reassigned as it goes."""
+    for field in dataclasses.fields(objects[0]):
+        values, name = [getattr(o, field.name) for o in objects], f"{path}{field.name}"
+        if isinstance(values[0], torch.Tensor):
+            yield name, objects, field.name
+        elif dataclasses.is_dataclass(values[0]):
+            yield from tensor_fields(values, f"{name}.")
+        elif isinstance(values[0], list):
+            for index in range(len(values[0])):
+                yield from tensor_fields([v[index] for v in values], f"{name}.{index}.")
 
 
 def _tensors(backbone: Backbone):
