@@ -13,6 +13,7 @@ it, so the stack is the only copy); the grouped matmul then runs as one kernel o
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -58,12 +59,15 @@ class RowGroups:
 
     group_of_row: torch.Tensor
     offsets: torch.Tensor
+    host_offsets: list[int]
 
     @classmethod
     def of(cls, group_sizes: list[int], groups: list[int], num_groups: int, device) -> RowGroups:
         """Rows of groups[i] repeated group_sizes[i] times, in order (groups must be non-decreasing)."""
         group_of_row = torch.repeat_interleave(torch.tensor(groups, device=device), torch.tensor(group_sizes, device=device))
-        return cls(group_of_row, group_offsets(group_of_row, num_groups))
+        rows = dict(zip(groups, group_sizes))
+        host_offsets = list(itertools.accumulate(rows.get(group, 0) for group in range(num_groups)))
+        return cls(group_of_row, group_offsets(group_of_row, num_groups), host_offsets)
 
 
 @dataclass
@@ -142,7 +146,7 @@ class StepWeights:
             return [self._merge([v[i] for v in values], f"{path}{i}.", rows) for i in range(len(first))]
         matrices = self._matrices(values, path.rstrip("."))
         if first.dim() == 2:
-            return GroupedWeight(matrices, rows.offsets)
+            return GroupedWeight(matrices, rows.offsets, rows.host_offsets)
         per_row = (matrices if isinstance(matrices, torch.Tensor) else torch.stack(matrices))[rows.group_of_row]  # [T, n]
         head_norm = self.spec.qk_norm == "head" and path.rstrip(".").rsplit(".", 1)[-1] in HEAD_NORMS
         return per_row.unsqueeze(1) if head_norm else per_row

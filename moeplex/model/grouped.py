@@ -35,17 +35,26 @@ class GroupedWeight:
 
     matrices: torch.Tensor | list[torch.Tensor]
     offsets: torch.Tensor  # [G] int32, offsets[-1] == rows of the input
+    host_offsets: list[int] | None = None  # the same on the host, when known there (saves a device sync per call)
 
 
 def grouped_linear(x: torch.Tensor, weight: GroupedWeight) -> torch.Tensor:
     """x [T, in] -> [T, out], each row group times its own matrix."""
     matrices = weight.matrices
     if isinstance(matrices, torch.Tensor) and grouped_matmul_available(x.device):
-        return torch._grouped_mm(x, matrices.transpose(1, 2), offs=weight.offsets)
+        transposed = matrices.transpose(1, 2)
+        if _kernel_aligned(x) and _kernel_aligned(transposed):
+            return torch._grouped_mm(x, transposed, offs=weight.offsets)
     out = x.new_empty(x.shape[0], matrices[0].shape[0])
     start = 0
-    for group, end in enumerate(weight.offsets.tolist()):
+    for group, end in enumerate(weight.host_offsets or weight.offsets.tolist()):
         if end > start:
             out[start:end] = F.linear(x[start:end], matrices[group])
         start = end
     return out
+
+
+def _kernel_aligned(t: torch.Tensor) -> bool:
+    """`_grouped_mm` needs 16-byte aligned data and strides (every real model's sizes; not every test's)."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(stride * size % 16 == 0 for stride in t.stride() if stride != 1)
