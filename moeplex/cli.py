@@ -99,7 +99,7 @@ def _add_generate(commands) -> None:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default: 0)")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
+    gen.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16", help=DTYPE_HELP)
     gen.set_defaults(handler=_generate)
 
 
@@ -123,7 +123,7 @@ def _add_eval(commands) -> None:
     ppl.add_argument("--json", type=Path, help="write {models: {NAME: {DOMAIN: ppl}}, own_domain: {...}} here")
     ppl.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens per domain (default: 4096)")
     ppl.add_argument("--window", type=int, default=256, help="tokens per scored window (default: 256)")
-    ppl.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
+    ppl.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16", help=DTYPE_HELP)
     ppl.set_defaults(handler=_eval_ppl)
 
 

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from moeplex.bench.measure import alternate, median, streaming_bandwidth
 from moeplex.bench.profile import format_profile, profile_decode
+from moeplex.dtypes import resolve_dtype
 from moeplex.model.experts import ExpertCompute
 from moeplex.model.generate import generate
 from moeplex.model.runtime import MoEModel, load_model
@@ -38,6 +39,7 @@ class DecodeSettings:
     seed: int = 0
     profile: bool = False  # also profile moeplex's decode at the first batch size
     device: str = "cpu"
+    dtype: str = "bf16"  # a moeplex.dtypes name, for both systems
 
 
 def weight_bytes_per_token(model: MoEModel, prompts: list[list[int]], new_tokens: int) -> float:
@@ -58,9 +60,10 @@ def weight_bytes_per_token(model: MoEModel, prompts: list[list[int]], new_tokens
 
 def run_decode_benchmark(checkpoint: Path, settings: DecodeSettings, progress=print) -> dict:
     torch.set_num_threads(settings.threads)
-    progress(f"loading {checkpoint} (bf16) into moeplex and transformers on {settings.device}")
-    ours = load_model(checkpoint, dtype=torch.bfloat16, device=settings.device, progress=True)
-    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).to(settings.device).eval()
+    dtype = resolve_dtype(settings.dtype)
+    progress(f"loading {checkpoint} ({dtype}) into moeplex and transformers on {settings.device}")
+    ours = load_model(checkpoint, dtype=dtype, device=settings.device, progress=True)
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(settings.device).eval()
     generator = torch.Generator().manual_seed(settings.seed)
     vocab = ours.spec.vocab_size
     bandwidth = streaming_bandwidth(device=settings.device)
@@ -68,6 +71,7 @@ def run_decode_benchmark(checkpoint: Path, settings: DecodeSettings, progress=pr
         "model": str(checkpoint),
         "parameters": sum(p.numel() for p in reference.parameters()),
         "device": settings.device,
+        "dtype": str(dtype).removeprefix("torch."),
         "threads": settings.threads,
         "new_tokens": settings.new_tokens,
         "prompt_tokens": settings.prompt_tokens,
@@ -142,7 +146,7 @@ def _greedy_agreement(ours: MoEModel, reference, prompts: torch.Tensor, new_toke
 
 def format_table(result: dict) -> str:
     lines = [
-        f"model: {result['model']} ({result['parameters'] / 1e6:.0f}M parameters, bf16), "
+        f"model: {result['model']} ({result['parameters'] / 1e6:.0f}M parameters, {result.get('dtype', 'bfloat16')}), "
         f"{result.get('device', 'cpu')}, threads: {result['threads']}, stream bandwidth: {result['stream_bandwidth_gb_s']:.1f} GB/s",
         f"{'batch':>5} {'moeplex tok/s':>14} {'transformers tok/s':>19} {'speedup':>8} {'MB/token':>9} {'roofline':>9} {'agree':>6}",
     ]

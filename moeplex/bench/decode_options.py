@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from moeplex.bench.options import add_json_option, add_threads_option, publish
+from moeplex.dtypes import DTYPE_CHOICES
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
@@ -16,6 +17,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating timed runs per system (default: 3)")
     add_threads_option(parser, default=2, applies_to="both systems")
     parser.add_argument("--device", default="cpu", help="where both systems run: cpu or cuda (default: cpu)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16", help="compute dtype of both systems: bf16 (default) or fp32")
     parser.add_argument("--profile", action="store_true", help="also profile moeplex's decode at the first batch size and print the top operators")
 
 
@@ -30,7 +32,7 @@ def run_from_options(args: argparse.Namespace) -> dict:
         model = build_demo_family(size="bench").base
     settings = DecodeSettings(
         batch_sizes=tuple(args.batch_sizes), new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads,
-        profile=args.profile, device=args.device,
+        profile=args.profile, device=args.device, dtype=args.dtype,
     )
     result = run_decode_benchmark(model, settings)
     return publish(format_table(result), result, args.json)

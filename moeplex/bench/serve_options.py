@@ -21,7 +21,7 @@ class ServeBenchSettings:
     output_tokens: int = 32
     repeats: int = 3
     threads: int = 2
-    dtype: str = "auto"
+    dtype: str = "bf16"
     seed: int = 0
 
 

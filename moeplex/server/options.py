@@ -17,7 +17,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     parser.add_argument("--api-key", default=os.environ.get("MOEPLEX_API_KEY"), help="require 'Authorization: Bearer KEY' on /v1 (default: $MOEPLEX_API_KEY; none: no check)")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16", help=DTYPE_HELP)
     parser.add_argument("--policy", choices=("fcfs", "variant-fair"), default="fcfs", help="scheduling policy (default: fcfs)")
     parser.add_argument("--max-num-seqs", type=int, default=16, help="sequences per step (default: 16)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=256, help="tokens per step; longer prompts are prefilled in chunks (default: 256)")
