@@ -60,8 +60,11 @@ class RouterLookahead:
 
     What it does exactly: at layer l the runtime hands the expert door x_l = mlp_norm_l(h) [T, H]; the
     prediction for layer l+d is softmax(router_{l+d} x_l), i.e. the residual stream is assumed not to
-    change between the layers (it changes little per layer). The per-token chance of picking an expert
-    is taken as min(1, k * router probability).
+    change between the layers (it changes little per layer). A token is taken to pick the look-ahead's
+    own top-k experts for sure and any other expert with chance min(1, k * router probability): the
+    router's real choice is a top-k, and k * probability alone under-predicts it wherever routing is
+    flat (on the tiny demo family, next-layer recall 0.61 -> 0.77 at precision 0.85 -> 0.79,
+    `moeplex bench offload`).
     """
 
     def __init__(self, routers: list[torch.Tensor | None], top_k: int):
@@ -72,7 +75,9 @@ class RouterLookahead:
         rows = []
         for layer in layers:
             probs = torch.softmax(linear(hidden, self.routers[layer]).float(), dim=-1)  # [T, E]
-            rows.append(1.0 - torch.prod(1.0 - (self.top_k * probs).clamp(max=1.0), dim=0))
+            chosen = torch.topk(probs, self.top_k, dim=-1).indices  # [T, k]
+            picks = (self.top_k * probs).clamp(max=1.0).scatter(1, chosen, 1.0)  # [T, E]
+            rows.append(1.0 - torch.prod(1.0 - picks, dim=0))
         return torch.stack(rows).cpu()
 
 
