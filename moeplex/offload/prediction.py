@@ -63,8 +63,8 @@ class RouterLookahead:
     change between the layers (it changes little per layer). A token is taken to pick the look-ahead's
     own top-k experts for sure and any other expert with chance min(1, k * router probability): the
     router's real choice is a top-k, and k * probability alone under-predicts it wherever routing is
-    flat (on the tiny demo family, next-layer recall 0.61 -> 0.77 at precision 0.85 -> 0.79,
-    `moeplex bench offload`).
+    flat (next-layer recall 0.60 -> 0.77 on the tiny demo family, 0.52 -> 0.68 on the bench family,
+    `moeplex bench offload`, docs/offloading.md).
     """
 
     def __init__(self, routers: list[torch.Tensor | None], top_k: int):
