@@ -44,11 +44,9 @@ class MixedVariantRunner:
         self.rope = RotaryEmbedding(spec, device=self.device)
         self.step_weights = StepWeights(spec)
 
-    def stack_backbones(self, backbones: dict[str, Backbone]) -> VariantStacks:
+    def stack_backbones(self, backbones: dict[str, Backbone]) -> None:
         """Stack the differing tensors of backbones that stay resident (every variant's, in the engine's order)."""
-        stacks = VariantStacks(backbones)
-        self.step_weights = StepWeights(self.spec, stacks)
-        return stacks
+        self.step_weights = StepWeights(self.spec, VariantStacks(backbones))
 
     @property
     def bank(self) -> ExpertBank | None:
