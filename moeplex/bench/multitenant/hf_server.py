@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
 from moeplex.bench.multitenant.openai_app import baseline_server_main
+from moeplex.dtypes import resolve_dtype
 
 
 class TokenStreamer(BaseStreamer):
@@ -31,7 +32,7 @@ class TokenStreamer(BaseStreamer):
 
 class TransformersBackend:
     def __init__(self, checkpoints: dict[str, Path], tokenizer: Path, dtype: str):
-        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        torch_dtype = resolve_dtype(dtype)
         self.variants = list(checkpoints)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.models = {name: AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).eval() for name, folder in checkpoints.items()}

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 
+from moeplex.dtypes import DTYPE_CHOICES, DTYPE_HELP
 from moeplex.server.app import event
 from moeplex.server.errors import APIError, install_error_handlers
 from moeplex.server.generation import DISCONNECT_POLL_SECONDS
@@ -184,7 +185,7 @@ def baseline_server_main(description: str, make_backend: Callable[[dict[str, Pat
     parser.add_argument("--model", action="append", required=True, help="NAME=CHECKPOINT_FOLDER, once per variant")
     parser.add_argument("--tokenizer", type=Path, required=True, help="tokenizer folder shared by the variants")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16", help=DTYPE_HELP)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moeplex.bench.options import add_json_option, add_threads_option, publish
+from moeplex.dtypes import DTYPE_CHOICES, DTYPE_HELP
 
 SYSTEM_NAMES = ("moeplex", "static", "single", "swapping", "transformers")
 
@@ -45,7 +46,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=defaults.concurrency, help=f"closed-loop clients (default: {defaults.concurrency})")
     parser.add_argument("--requests", type=int, default=defaults.closed_loop_requests, help=f"most requests per closed-loop run; none is sent after --duration seconds (default: {defaults.closed_loop_requests})")
     add_threads_option(parser, defaults.threads, "the machine, split evenly among static partitions")
-    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=defaults.dtype, help=f"compute dtype (default: {defaults.dtype})")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=defaults.dtype, help=DTYPE_HELP)
     parser.add_argument("--budget-mib", type=float, help="total device MiB for experts (default: the store's expert bytes; each static partition gets 1/N)")
     parser.add_argument("--offload-policy", choices=("lru", "lfu", "trace"), default=defaults.offload_policy, help=f"expert eviction policy of moeplex processes (default: {defaults.offload_policy})")
     parser.add_argument("--no-prefetch", action="store_true", help="moeplex processes fetch experts on demand only")

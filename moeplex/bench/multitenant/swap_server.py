@@ -7,10 +7,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from transformers import AutoTokenizer
 
 from moeplex.bench.multitenant.openai_app import baseline_server_main
+from moeplex.dtypes import resolve_dtype
 from moeplex.model.generate import generate
 from moeplex.model.runtime import MoEModel, load_model
 from moeplex.model.sampling import SamplingParams
@@ -38,7 +38,7 @@ class SwappingBackend:
     def __init__(self, checkpoints: dict[str, Path], tokenizer: Path, dtype: str):
         self.checkpoints = checkpoints
         self.variants = list(checkpoints)
-        self.dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        self.dtype = resolve_dtype(dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.resident: tuple[str, MoEModel] | None = None
         self.swaps, self.swap_seconds = 0, 0.0
