@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moeplex.model.grouped import GroupedWeight, group_offsets
+from moeplex.model.grouped import GroupedWeight
 from moeplex.model.spec import ModelSpec
 from moeplex.model.weights import Backbone, LayerWeights, tensor_fields
 
@@ -67,7 +67,7 @@ class RowGroups:
         group_of_row = torch.repeat_interleave(torch.tensor(groups, device=device), torch.tensor(group_sizes, device=device))
         rows = dict(zip(groups, group_sizes))
         host_offsets = list(itertools.accumulate(rows.get(group, 0) for group in range(num_groups)))
-        return cls(group_of_row, group_offsets(group_of_row, num_groups), host_offsets)
+        return cls(group_of_row, torch.tensor(host_offsets, dtype=torch.int32, device=device), host_offsets)
 
 
 @dataclass
@@ -144,11 +144,12 @@ class StepWeights:
             return dataclasses.replace(first, **{f.name: self._merge([getattr(v, f.name) for v in values], f"{path}{f.name}.", rows) for f in dataclasses.fields(first)})
         if isinstance(first, list):
             return [self._merge([v[i] for v in values], f"{path}{i}.", rows) for i in range(len(first))]
-        matrices = self._matrices(values, path.rstrip("."))
+        path = path.rstrip(".")
+        matrices = self._matrices(values, path)
         if first.dim() == 2:
             return GroupedWeight(matrices, rows.offsets, rows.host_offsets)
         per_row = (matrices if isinstance(matrices, torch.Tensor) else torch.stack(matrices))[rows.group_of_row]  # [T, n]
-        head_norm = self.spec.qk_norm == "head" and path.rstrip(".").rsplit(".", 1)[-1] in HEAD_NORMS
+        head_norm = self.spec.qk_norm == "head" and path.rsplit(".", 1)[-1] in HEAD_NORMS
         return per_row.unsqueeze(1) if head_norm else per_row
 
     def _matrices(self, values: list[torch.Tensor], path: str) -> torch.Tensor | list[torch.Tensor]:

@@ -47,7 +47,7 @@ class Backbone:
     @property
     def nbytes(self) -> int:
         seen, total = set(), 0
-        for tensor in _tensors(self):
+        for tensor in (getattr(owner, field) for _, (owner,), field in tensor_fields([self])):
             if tensor.data_ptr() not in seen:
                 seen.add(tensor.data_ptr())
                 total += tensor.numel() * tensor.element_size()
@@ -148,16 +148,3 @@ def tensor_fields(objects: list, path: str = "") -> Iterator[tuple[str, list, st
         elif isinstance(values[0], list):
             for index in range(len(values[0])):
                 yield from tensor_fields([v[index] for v in values], f"{name}.{index}.")
-
-
-def _tensors(backbone: Backbone):
-    yield from (backbone.embed, backbone.final_norm, backbone.lm_head)
-    for layer in backbone.layers:
-        yield from (layer.attn_norm, layer.mlp_norm)
-        for value in vars(layer.attention).values():
-            if value is not None:
-                yield value
-        for mlp in (layer.shared_expert, layer.dense_mlp):
-            if mlp is not None:
-                yield from (mlp.gate_up, mlp.down)
-        yield from (t for t in (layer.router, layer.shared_expert_gate) if t is not None)
