@@ -79,7 +79,8 @@ def _demo_build(args) -> int:
 
 
 def _demo_serve(args) -> int:
-    from moeplex.main_job import demo_store, usage_snippets
+    from moeplex.demo.stores import demo_store
+    from moeplex.main_job import usage_snippets
 
     store = demo_store()
     print(usage_snippets(args.host, args.port, "python"), flush=True)

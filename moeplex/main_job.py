@@ -62,22 +62,6 @@ def generate_for_each_model(args) -> None:
         print()
 
 
-DEMO_STORE_BUDGET = "2x"
-
-
-def demo_store(budget: str = DEMO_STORE_BUDGET) -> Path:
-    """The tiny demo family consolidated (quality-aware, `budget`) into a store; built if missing."""
-    from moeplex.consolidate.command import run_consolidate
-    from moeplex.demo import build_demo_family
-
-    family = build_demo_family()
-    store = family.root / f"store-{budget}"
-    if not (store / "manifest.json").is_file():
-        print(f"consolidating the demo family into {store} (budget {budget} of one model)", flush=True)
-        run_consolidate(family.spec_file, budget, store)
-    return store
-
-
 def usage_snippets(host: str, port: int, variant: str) -> str:
     """A curl line and an `openai` client snippet that work against the demo server."""
     base = f"http://{host}:{port}/v1"

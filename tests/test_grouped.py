@@ -7,8 +7,10 @@ import torch
 
 from moeplex.model import grouped
 from moeplex.model.experts import DenseExperts, group_tokens_by_expert
-from moeplex.model.grouped import GroupedWeight, group_offsets, grouped_linear
+from moeplex.model.grouped import GroupedWeight, PaddedRows, group_offsets, grouped_linear
 from moeplex.model.ops import swiglu_mlp
+
+padded_linear = grouped.padded_linear
 
 
 def reference(x, matrices, sizes):
@@ -27,6 +29,29 @@ def test_grouped_linear_matches_one_matmul_per_group(monkeypatch, kernel, dtype)
     expected = reference(x, list(stack), sizes)
     for weight in (GroupedWeight(stack, offsets), GroupedWeight(list(stack), offsets), GroupedWeight(stack, offsets, offsets.tolist())):
         torch.testing.assert_close(grouped_linear(x, weight), expected, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("sizes", [[0, 2, 2, 0], [3, 0, 1, 4, 0], [1, 1, 1]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_batch_matches_one_matmul_per_group(monkeypatch, sizes, dtype):
+    calls = []
+    monkeypatch.setattr(grouped, "padded_linear", lambda *args: calls.append(1) or padded_linear(*args))
+    offsets = torch.tensor(sizes).cumsum(0).tolist()
+    padded = PaddedRows.of(offsets, "cpu")
+    first = next(g for g, n in enumerate(sizes) if n)
+    assert padded.first == first and padded.rows == max(sizes)
+    assert padded.padding == padded.count * max(sizes) / sum(sizes)
+    assert (padded.index is None) == (padded.padding == 1.0)
+    x = torch.randn(sum(sizes), 16, dtype=dtype)
+    stack = torch.randn(len(sizes), 24, 16, dtype=dtype)
+    out = grouped_linear(x, GroupedWeight(stack, torch.tensor(offsets, dtype=torch.int32), offsets, padded))
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out, reference(x, list(stack), sizes), rtol=tolerance, atol=tolerance)
+    assert calls == ([1] if padded.padding <= grouped.MAX_PADDING.get(dtype, grouped.DEFAULT_MAX_PADDING) else [])
+
+
+def test_no_padded_layout_without_rows():
+    assert PaddedRows.of([0, 0], "cpu") is None
 
 
 @pytest.mark.parametrize("intermediate", [16, 10])  # 10: strides the grouped kernel refuses, so one matmul per expert

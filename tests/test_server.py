@@ -63,6 +63,14 @@ def test_models_lists_every_variant_with_base_as_parent(client):
     assert models["python"].model_extra["parent"] == "base" and models["base"].model_extra["parent"] is None
 
 
+def test_start_up_freezes_the_loaded_objects_out_of_the_collector(server):
+    import gc
+
+    llm = server[1].state.server.llm
+    assert gc.get_freeze_count() > 0
+    assert all(o is not llm for o in gc.get_objects())  # full collections no longer walk it
+
+
 def test_completions_for_every_variant_honour_max_tokens_and_usage(client):
     for variant in ("base", "python", "cpp"):
         response = client.completions.create(model=variant, prompt="def add(a, b):", max_tokens=5, temperature=0)

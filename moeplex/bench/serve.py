@@ -2,8 +2,11 @@
 
 One engine serves 4 variants with a uniform request mix and, alternating with it, one variant with the
 same requests. Throughput is completed output tokens per second in a closed loop at a fixed concurrency;
-time to first token is measured in an open loop at a Poisson rate below saturation. A second engine whose
-backbone budget holds one backbone reports switch count, switch time and how much background loading hid.
+time to first token is measured in an open loop at a Poisson rate below saturation, its percentiles over the
+requests of every run of a system. Each repeat runs the two systems back to back (in alternating order) and
+the ratios are medians of the repeats' ratios, which the drift of a shared machine's speed barely moves. A
+second engine whose backbone budget holds one backbone reports switch count, switch time and how much
+background loading hid.
 """
 
 from __future__ import annotations
@@ -88,8 +91,12 @@ async def open_loop(url: str, requests: list[BenchRequest], rate: float, setting
             tasks.append(asyncio.create_task(one(http, request)))
             await asyncio.sleep(rng.expovariate(rate))
         await asyncio.gather(*tasks)
-    ordered = sorted(ttfts)
-    return {"ttft_p50": statistics.median(ordered), "ttft_p90": ordered[int(0.9 * (len(ordered) - 1))], "rate": rate}
+    return {"ttft_p50": statistics.median(ttfts), "ttft_p90": percentile(ttfts, 0.9), "rate": rate, "ttft_seconds": ttfts}
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[int(fraction * (len(ordered) - 1))]
 
 
 def engine_config(settings: ServeBenchSettings, backbone_budget_bytes: int | None = None) -> EngineConfig:
@@ -122,26 +129,27 @@ def run_serve_benchmark(store: Path, settings: ServeBenchSettings) -> dict:
     with BackgroundServer(create_app(llm)) as url:
         for names in systems.values():  # warm-up
             asyncio.run(closed_loop(url, retarget(closed[: settings.concurrency], names), settings))
-        for _ in range(settings.repeats):
-            for name, names in systems.items():
-                throughput[name].append(asyncio.run(closed_loop(url, retarget(closed, names), settings)))
+        for repeat in range(settings.repeats):
+            for name in paired_order(list(systems), repeat):
+                throughput[name].append(asyncio.run(closed_loop(url, retarget(closed, systems[name]), settings)))
         rate = settings.load_fraction * median([r["requests_per_second"] for r in throughput["single"]])
-        for _ in range(settings.repeats):
-            for name, names in systems.items():
-                ttft[name].append(asyncio.run(open_loop(url, retarget(opened, names), rate, settings)))
+        for repeat in range(settings.repeats):
+            for name in paired_order(list(systems), repeat):
+                ttft[name].append(asyncio.run(open_loop(url, retarget(opened, systems[name]), rate, settings)))
+    pooled = {name: [t for run in runs for t in run["ttft_seconds"]] for name, runs in ttft.items()}  # every run's requests
     summary = {
         name: {
             "tokens_per_second": median([r["tokens_per_second"] for r in throughput[name]]),
-            "ttft_p50_seconds": median([r["ttft_p50"] for r in ttft[name]]),
-            "ttft_p90_seconds": median([r["ttft_p90"] for r in ttft[name]]),
+            "ttft_p50_seconds": statistics.median(pooled[name]),
+            "ttft_p90_seconds": percentile(pooled[name], 0.9),
             "runs": {"closed_loop": throughput[name], "open_loop": ttft[name]},
         }
         for name in systems
     }
     one_backbone = run_one_backbone(store, settings, variants, closed)
     return {
-        "throughput_ratio_multi_vs_single": summary["multi"]["tokens_per_second"] / summary["single"]["tokens_per_second"],
-        "ttft_p50_ratio_multi_vs_single": summary["multi"]["ttft_p50_seconds"] / summary["single"]["ttft_p50_seconds"],
+        "throughput_ratio_multi_vs_single": paired_ratio(throughput["multi"], throughput["single"], "tokens_per_second"),
+        "ttft_p50_ratio_multi_vs_single": paired_ratio(ttft["multi"], ttft["single"], "ttft_p50"),
         "open_loop_rate_per_second": rate,
         "multi": summary["multi"],
         "single": summary["single"],
@@ -150,6 +158,20 @@ def run_serve_benchmark(store: Path, settings: ServeBenchSettings) -> dict:
         "compute_dtype": str(llm.engine.config.dtype).removeprefix("torch."),
         "store": str(store),
     }
+
+
+def paired_order(systems: list[str], repeat: int) -> list[str]:
+    """The systems in order on even repeats and reversed on odd ones (A B, B A, ...), so drift favours neither."""
+    return systems if repeat % 2 == 0 else systems[::-1]
+
+
+def paired_ratio(runs: list[dict], baseline_runs: list[dict], key: str) -> float:
+    """Median over repeats of run[key] / baseline[key], each pair run back to back.
+
+    A shared machine's speed drifts by tens of percent over minutes; within a pair it barely moves, so the
+    median of pair ratios is far steadier than the ratio of two medians.
+    """
+    return median([run[key] / baseline[key] for run, baseline in zip(runs, baseline_runs, strict=True)])
 
 
 def run_one_backbone(store: Path, settings: ServeBenchSettings, variants: list[str], requests: list[BenchRequest]) -> dict:
@@ -178,28 +200,11 @@ def format_table(result: dict) -> str:
             f"{'system':<22}{'tokens/s':>10}{'TTFT p50 ms':>13}{'TTFT p90 ms':>13}",
             f"{'4 variants':<22}{multi['tokens_per_second']:>10.1f}{1000 * multi['ttft_p50_seconds']:>13.1f}{1000 * multi['ttft_p90_seconds']:>13.1f}",
             f"{'1 variant':<22}{single['tokens_per_second']:>10.1f}{1000 * single['ttft_p50_seconds']:>13.1f}{1000 * single['ttft_p90_seconds']:>13.1f}",
-            f"throughput ratio multi/single: {result['throughput_ratio_multi_vs_single']:.3f}; "
-            f"TTFT p50 ratio: {result['ttft_p50_ratio_multi_vs_single']:.3f} (open loop at {result['open_loop_rate_per_second']:.2f} req/s)",
+            f"multi/single, median of {result['settings']['repeats']} back-to-back pairs: throughput ratio "
+            f"{result['throughput_ratio_multi_vs_single']:.3f}, TTFT p50 ratio {result['ttft_p50_ratio_multi_vs_single']:.3f} "
+            f"(open loop at {result['open_loop_rate_per_second']:.2f} req/s)",
             f"one resident backbone: {one['tokens_per_second']:.1f} tokens/s, {one['switches']} switches, "
             f"{one['mean_switch_wait_ms']:.1f} ms waited per switch, {100 * one['hidden_fraction']:.0f}% of loading hidden "
             f"({one['prefetch_hits']} prefetch hits)",
         ]
     )
-
-
-def default_store() -> Path:
-    """An identity store of the tiny demo family (every checkpoint's experts, identical ones once), built if missing."""
-    from moeplex.consolidate.family_spec import load_family_spec
-    from moeplex.consolidate.plan import identity_plan
-    from moeplex.demo import build_demo_family
-    from moeplex.model.weights import open_checkpoint
-    from moeplex.store.writer import write_store
-
-    demo = build_demo_family()
-    out = demo.root / "serve-bench-store"
-    if not (out / "manifest.json").is_file():
-        family = load_family_spec(demo.spec_file)
-        spec = open_checkpoint(family.base)[2]
-        sparse = tuple(layer for layer, is_sparse in enumerate(spec.sparse_layers) if is_sparse)
-        write_store(family, identity_plan(tuple(family.checkpoints()), spec.num_layers, spec.num_experts, sparse), out)
-    return out

@@ -15,11 +15,11 @@ class ServeBenchSettings:
     num_variants: int = 4
     concurrency: int = 8
     closed_loop_requests: int = 48
-    open_loop_requests: int = 32
+    open_loop_requests: int = 48
     load_fraction: float = 0.5  # Poisson rate as a fraction of the single-variant saturated request rate
     prompt_tokens: int = 32
     output_tokens: int = 32
-    repeats: int = 3
+    repeats: int = 5
     threads: int = 2
     dtype: str = "bf16"
     seed: int = 0
@@ -27,7 +27,7 @@ class ServeBenchSettings:
 
 def add_options(parser: argparse.ArgumentParser) -> None:
     defaults = ServeBenchSettings()
-    parser.add_argument("--store", type=Path, help="store to serve (default: the tiny demo family's identity store, built if missing)")
+    parser.add_argument("--store", type=Path, help="store to serve (default: the tiny demo family's consolidated store that `make run` serves, built if missing)")
     add_json_option(parser)
     parser.add_argument("--concurrency", type=int, default=defaults.concurrency, help=f"closed-loop clients (default: {defaults.concurrency})")
     parser.add_argument("--requests", type=int, default=defaults.closed_loop_requests, help=f"requests per closed-loop run (default: {defaults.closed_loop_requests})")
@@ -39,11 +39,12 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 def run_from_options(args: argparse.Namespace) -> dict:
     """Run the benchmark the options describe, print its table, write --json."""
-    from moeplex.bench.serve import default_store, format_table, run_serve_benchmark
+    from moeplex.bench.serve import format_table, run_serve_benchmark
+    from moeplex.demo.stores import demo_store
 
     settings = ServeBenchSettings(
         concurrency=args.concurrency, closed_loop_requests=args.requests, output_tokens=args.output_tokens,
         repeats=args.repeats, threads=args.threads, dtype=args.dtype,
     )
-    result = run_serve_benchmark(args.store or default_store(), settings)
+    result = run_serve_benchmark(args.store or demo_store(), settings)
     return publish(format_table(result), result, args.json)

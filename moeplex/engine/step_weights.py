@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moeplex.model.grouped import GroupedWeight
+from moeplex.model.grouped import GroupedWeight, PaddedRows
 from moeplex.model.spec import ModelSpec
 from moeplex.model.weights import Backbone, LayerWeights, tensor_fields
 
@@ -60,6 +60,7 @@ class RowGroups:
     group_of_row: torch.Tensor
     offsets: torch.Tensor
     host_offsets: list[int]
+    padded: PaddedRows | None
 
     @classmethod
     def of(cls, group_sizes: list[int], groups: list[int], num_groups: int, device) -> RowGroups:
@@ -67,7 +68,8 @@ class RowGroups:
         group_of_row = torch.repeat_interleave(torch.tensor(groups, device=device), torch.tensor(group_sizes, device=device))
         rows = dict(zip(groups, group_sizes))
         host_offsets = list(itertools.accumulate(rows.get(group, 0) for group in range(num_groups)))
-        return cls(group_of_row, torch.tensor(host_offsets, dtype=torch.int32, device=device), host_offsets)
+        offsets = torch.tensor(host_offsets, dtype=torch.int32, device=device)
+        return cls(group_of_row, offsets, host_offsets, PaddedRows.of(host_offsets, device))
 
 
 @dataclass
@@ -147,7 +149,7 @@ class StepWeights:
         path = path.rstrip(".")
         matrices = self._matrices(values, path)
         if first.dim() == 2:
-            return GroupedWeight(matrices, rows.offsets, rows.host_offsets)
+            return GroupedWeight(matrices, rows.offsets, rows.host_offsets, rows.padded)
         per_row = (matrices if isinstance(matrices, torch.Tensor) else torch.stack(matrices))[rows.group_of_row]  # [T, n]
         head_norm = self.spec.qk_norm == "head" and path.rsplit(".", 1)[-1] in HEAD_NORMS
         return per_row.unsqueeze(1) if head_norm else per_row

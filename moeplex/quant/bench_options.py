@@ -67,7 +67,7 @@ def _run_speed(args: argparse.Namespace) -> dict:
 
 
 def _run_store_parts(args: argparse.Namespace) -> dict:
-    from moeplex.bench.serve import default_store
+    from moeplex.demo.stores import identity_store
     from moeplex.planner.meter import MeterSettings, StoreMeter
     from moeplex.planner.profile import Profiler
     from moeplex.quant.bench_store import (
@@ -78,7 +78,7 @@ def _run_store_parts(args: argparse.Namespace) -> dict:
         measure_frontier,
     )
 
-    store = args.store or default_store()
+    store = args.store or identity_store()
     profiler = Profiler(StoreMeter(store, MeterSettings(threads=args.threads, group_size=args.group_size)))
     result = {"store": str(store)}
     if "selection" in args.parts:

@@ -121,7 +121,7 @@ def headline(comparison: dict) -> dict:
 
 def run_multitenant_benchmark(store: Path | None, out: Path, settings: MultitenantSettings) -> dict:
     """The whole comparison at each variant count; writes traces, raw samples, the table and plots under `out`."""
-    from moeplex.main_job import demo_store
+    from moeplex.demo.stores import demo_store
 
     clock = Stopwatch()
     store = store or demo_store()
