@@ -17,6 +17,7 @@ SETTINGS = {
     "moeplex": OffloadConfig(device_budget=1),  # trace-aware policy, combined prediction, prefetch
     "lru": OffloadConfig(device_budget=1, policy="lru", prediction="none", prefetch=False),
     "lookahead": OffloadConfig(device_budget=1, prediction="lookahead", window=3, min_probability=0.2),
+    "host-execution": OffloadConfig(device_budget=1, host_budget=2**30, policy="lru", prediction="none", prefetch=False, host_execution="always"),
 }
 any_store, store = test_engine.any_store, test_engine.store  # the engine tests' fixtures: Mixtral and Qwen2-MoE stores; a Mixtral store
 
@@ -63,12 +64,13 @@ def test_mixed_variant_greedy_equals_the_resident_engine(any_store, budget_exper
         engine.close()
 
 
-@pytest.mark.parametrize("name", ["lru", "lookahead"])
+@pytest.mark.parametrize("name", ["lru", "lookahead", "host-execution"])
 def test_other_offload_settings_keep_greedy_outputs(store, name):
     requests = make_requests(store)
     engine = offloaded_engine(store, 2, SETTINGS[name], policy="variant-fair")
     try:
         assert run_engine(engine, requests) == resident_tokens(store, requests)
+        assert (engine.stats().offload.host_executions > 0) == (name == "host-execution")
     finally:
         engine.close()
 

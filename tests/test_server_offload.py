@@ -63,6 +63,7 @@ def test_metrics_report_the_expert_pool(store):
     assert 0 < tiers["device"] <= 3 * expert_bytes and tiers["host"] == 0 and tiers["disk"] > 3 * expert_bytes
     assert values[("moeplex_expert_read_bytes_total", (("tier", "disk"),))] > tiers["device"]  # budget of 3: experts are read again
     assert values[("moeplex_expert_wait_seconds_total", ())] > 0
+    assert values[("moeplex_expert_host_executions_total", ())] == 0  # CPU: the device is the host
     assert values[("moeplex_expert_evictions_total", ())] > 0
     assert values[("moeplex_failed_sequences_total", ())] == 0
 
@@ -103,7 +104,8 @@ def test_serve_flags_configure_offloading_and_threads(store, monkeypatch, capsys
     monkeypatch.setattr("moeplex.server.serve.serve", lambda store, host, port, settings, config: started.append(config))
     threads = torch.get_num_threads()
     try:
-        flags = ["--dtype", "fp32", "--expert-budget-mib", "0.5", "--host-budget-mib", "2", "--offload-policy", "lru", "--no-prefetch", "--threads", "1"]
+        flags = ["--dtype", "fp32", "--expert-budget-mib", "0.5", "--host-budget-mib", "2", "--offload-policy", "lru", "--no-prefetch", "--threads", "1",
+                 "--host-execution", "always"]
         assert main(["serve", str(store), *flags]) == 0
     finally:
         torch.set_num_threads(threads)
@@ -111,6 +113,7 @@ def test_serve_flags_configure_offloading_and_threads(store, monkeypatch, capsys
     assert config.expert_budget_bytes == 2**19 and config.threads == 1
     offload = config.offload_config
     assert (offload.device_budget, offload.host_budget, offload.policy, offload.prefetch, offload.prediction) == (2**19, 2 * 2**20, "lru", False, "none")
+    assert offload.host_execution == "always"
     assert main(["serve", str(store)]) == 0 and started[-1].offload_config is None and started[-1].threads is None
 
     expert_mib = StoreReader(store).spec("base").expert_numel * 4 / 2**20
@@ -118,6 +121,8 @@ def test_serve_flags_configure_offloading_and_threads(store, monkeypatch, capsys
     assert f"--expert-budget-mib 0.01 cannot hold one expert ({expert_mib:.3f} MiB each in fp32)" in capsys.readouterr().err
     assert main(["serve", str(store), "--no-prefetch"]) == 1
     assert "only apply with --expert-budget-mib" in capsys.readouterr().err
+    assert main(["serve", str(store), "--host-execution", "never"]) == 1
+    assert "--host-execution only apply with --expert-budget-mib" in capsys.readouterr().err
 
 
 def put_budget(url: str, body, key: str | None = API_KEY) -> httpx.Response:

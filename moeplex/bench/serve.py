@@ -150,6 +150,11 @@ def run_serve_benchmark(store: Path, settings: ServeBenchSettings) -> dict:
     return {
         "throughput_ratio_multi_vs_single": paired_ratio(throughput["multi"], throughput["single"], "tokens_per_second"),
         "ttft_p50_ratio_multi_vs_single": paired_ratio(ttft["multi"], ttft["single"], "ttft_p50"),
+        "pair_ratios": {
+            "throughput": pair_ratios(throughput["multi"], throughput["single"], "tokens_per_second"),
+            "ttft_p50": pair_ratios(ttft["multi"], ttft["single"], "ttft_p50"),
+        },
+        "ttft_p50_ratio_pooled": summary["multi"]["ttft_p50_seconds"] / summary["single"]["ttft_p50_seconds"],
         "open_loop_rate_per_second": rate,
         "multi": summary["multi"],
         "single": summary["single"],
@@ -165,13 +170,18 @@ def paired_order(systems: list[str], repeat: int) -> list[str]:
     return systems if repeat % 2 == 0 else systems[::-1]
 
 
+def pair_ratios(runs: list[dict], baseline_runs: list[dict], key: str) -> list[float]:
+    """run[key] / baseline[key] of each repeat, the two run back to back."""
+    return [run[key] / baseline[key] for run, baseline in zip(runs, baseline_runs, strict=True)]
+
+
 def paired_ratio(runs: list[dict], baseline_runs: list[dict], key: str) -> float:
     """Median over repeats of run[key] / baseline[key], each pair run back to back.
 
-    A shared machine's speed drifts by tens of percent over minutes; within a pair it barely moves, so the
-    median of pair ratios is far steadier than the ratio of two medians.
+    A shared machine's speed drifts by tens of percent over minutes; within a pair it moves less, so the
+    median of pair ratios is steadier than the ratio of two medians (the spread is reported beside it).
     """
-    return median([run[key] / baseline[key] for run, baseline in zip(runs, baseline_runs, strict=True)])
+    return median(pair_ratios(runs, baseline_runs, key))
 
 
 def run_one_backbone(store: Path, settings: ServeBenchSettings, variants: list[str], requests: list[BenchRequest]) -> dict:
@@ -194,7 +204,7 @@ def run_one_backbone(store: Path, settings: ServeBenchSettings, variants: list[s
 
 
 def format_table(result: dict) -> str:
-    multi, single, one = result["multi"], result["single"], result["one_backbone"]
+    multi, single, one, pairs = result["multi"], result["single"], result["one_backbone"], result["pair_ratios"]
     return "\n".join(
         [
             f"{'system':<22}{'tokens/s':>10}{'TTFT p50 ms':>13}{'TTFT p90 ms':>13}",
@@ -203,6 +213,9 @@ def format_table(result: dict) -> str:
             f"multi/single, median of {result['settings']['repeats']} back-to-back pairs: throughput ratio "
             f"{result['throughput_ratio_multi_vs_single']:.3f}, TTFT p50 ratio {result['ttft_p50_ratio_multi_vs_single']:.3f} "
             f"(open loop at {result['open_loop_rate_per_second']:.2f} req/s)",
+            f"spread of the pairs: throughput {min(pairs['throughput']):.2f}-{max(pairs['throughput']):.2f}, TTFT p50 "
+            f"{min(pairs['ttft_p50']):.2f}-{max(pairs['ttft_p50']):.2f}; TTFT p50 ratio of all requests pooled "
+            f"{result['ttft_p50_ratio_pooled']:.3f}",
             f"one resident backbone: {one['tokens_per_second']:.1f} tokens/s, {one['switches']} switches, "
             f"{one['mean_switch_wait_ms']:.1f} ms waited per switch, {100 * one['hidden_fraction']:.0f}% of loading hidden "
             f"({one['prefetch_hits']} prefetch hits)",

@@ -18,6 +18,7 @@ from moeplex.model.spec import ModelSpec
 from moeplex.model.weights import Backbone
 from moeplex.offload.config import OffloadConfig
 from moeplex.offload.forecast import ExpertForecaster
+from moeplex.offload.host_execution import make_host_execution
 from moeplex.offload.loading import load_store_library, make_forecaster, make_pool
 from moeplex.offload.offloaded import Forecast, PooledExperts, key_positions
 from moeplex.offload.pool import PoolStats
@@ -95,7 +96,8 @@ class OffloadedStepExperts:
         self.source = StoreExpertSource(store, manifest, spec, dtype)
         self.disk_bytes = sum(manifest.experts[key].bytes for key in self.keys)
         pool = make_pool(self.source, config, device)
-        self.pooled = PooledExperts(pool, self.keys, Prefetcher(pool) if config.prefetch else None, config.min_probability)
+        host_execution = make_host_execution(config.host_execution, device, dtype)
+        self.pooled = PooledExperts(pool, self.keys, Prefetcher(pool) if config.prefetch else None, config.min_probability, host_execution)
         self.library = load_store_library(store, spec, config) if config.prediction != "none" else None
         self.forecasters: dict[str, ExpertForecaster] = {}
         self.tracing: set[str] = set()

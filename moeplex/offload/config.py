@@ -1,10 +1,11 @@
-"""Settings of expert offloading: budgets, eviction policy, prediction, prefetch."""
+"""Settings of expert offloading: budgets, eviction policy, prediction, prefetch, host execution."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 PREDICTIONS = ("none", "trace", "lookahead", "combined")
+HOST_EXECUTION = ("auto", "never", "always")  # see moeplex.offload.host_execution
 
 
 @dataclass(frozen=True)
@@ -19,11 +20,14 @@ class OffloadConfig:
     lookahead_weight: float = 0.7  # share of router look-ahead in the combined prediction
     trace_capacity: int = 512  # traces the library keeps (oldest leave first)
     trace_matches: int = 8  # most similar library traces a prediction averages
+    host_execution: str = "auto"  # experts in the host tier run there when cheaper than a copy: auto (GPU only) | never | always
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, not '{self.prediction}'")
         if self.prediction == "none" and (self.prefetch or self.policy == "trace"):
             raise ValueError("prefetching and the trace-aware policy need a prediction")
+        if self.host_execution not in HOST_EXECUTION:
+            raise ValueError(f"host_execution must be one of {', '.join(HOST_EXECUTION)}, not '{self.host_execution}'")
         if self.window < 1 or self.device_budget < 1:
             raise ValueError("window and device_budget must be positive")

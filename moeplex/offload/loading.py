@@ -12,6 +12,7 @@ from moeplex.model.weights import Backbone, load_backbone, open_checkpoint
 from moeplex.offload.config import OffloadConfig
 from moeplex.offload.evaluation import PredictionScorer
 from moeplex.offload.forecast import ExpertForecaster
+from moeplex.offload.host_execution import make_host_execution
 from moeplex.offload.offloaded import KeyTable, OffloadedExperts
 from moeplex.offload.policies import make_policy
 from moeplex.offload.pool import ExpertPool
@@ -68,7 +69,8 @@ def build_offloaded_experts(
     library = library if library is not None else TraceLibrary(spec.num_layers, spec.num_experts, config.trace_capacity)
     forecaster = make_forecaster(spec, backbone, config, library, scorer)
     prefetcher = Prefetcher(pool) if config.prefetch else None
-    return OffloadedExperts(table, pool, forecaster, prefetcher, config.min_probability)
+    host_execution = make_host_execution(config.host_execution, device, source.dtype)
+    return OffloadedExperts(table, pool, forecaster, prefetcher, config.min_probability, host_execution)
 
 
 def load_offloaded_model(

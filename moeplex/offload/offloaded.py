@@ -1,7 +1,8 @@
 """Routed experts run from an ExpertPool: `PooledExperts` (shared dispatch, prefetch planning) and `OffloadedExperts`.
 
-`PooledExperts` is the one dispatch path over a pool: tokens grouped by pool key, the keys made
-resident in chunks that fit the device budget, then each expert runs once on all of its tokens. It
+`PooledExperts` is the one dispatch path over a pool: tokens grouped by pool key, experts that the
+host-execution policy keeps on the host tier run there, the other keys are made resident in chunks
+that fit the device budget, then each expert runs once on all of its tokens. It
 also turns forecasts into reuse estimates for the trace-aware policy and into prefetch requests. The
 single-model door (`OffloadedExperts`) and the serving engine's mixed-variant door
 (`moeplex.engine.experts.OffloadedStepExperts`) both use it.
@@ -18,6 +19,7 @@ import torch
 from moeplex.model.experts import group_tokens_by_expert
 from moeplex.model.ops import swiglu_mlp
 from moeplex.offload.forecast import ExpertForecaster, Outlook
+from moeplex.offload.host_execution import HostExecutionPolicy, NeverOnHost
 from moeplex.offload.policies import TraceAwarePolicy
 from moeplex.offload.pool import ExpertPool, ExpertUnavailableError
 from moeplex.offload.prefetcher import Prefetcher, PrefetchRequest
@@ -37,6 +39,11 @@ def key_positions(table: KeyTable) -> Positions:
     return positions
 
 
+def add_weighted(out: torch.Tensor, rows: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> None:
+    """out[rows] += y [n, H] times each row's routing weight [n]."""
+    out.index_add_(0, rows, (y * weights[:, None]).to(out.dtype))
+
+
 @dataclass
 class Forecast:
     """One variant's outlook after a layer routed, with the table and positions that turn it into pool keys."""
@@ -49,8 +56,16 @@ class Forecast:
 class PooledExperts:
     """Runs routed tokens on experts held in an ExpertPool; optionally owns a prefetcher over it."""
 
-    def __init__(self, pool: ExpertPool, keys: Sequence[Hashable], prefetcher: Prefetcher | None = None, min_probability: float = 0.8):
+    def __init__(
+        self,
+        pool: ExpertPool,
+        keys: Sequence[Hashable],
+        prefetcher: Prefetcher | None = None,
+        min_probability: float = 0.8,
+        host_execution: HostExecutionPolicy | None = None,
+    ):
         self.pool, self.prefetcher, self.min_probability = pool, prefetcher, min_probability
+        self.host_execution = host_execution or NeverOnHost()
         self.largest_expert = max(pool.source.expert_nbytes(key) for key in keys)
         self.total_bytes = sum(pool.source.expert_nbytes(key) for key in keys)
         self._check_budget(pool.device_budget)
@@ -102,6 +117,7 @@ class PooledExperts:
         groups = group_tokens_by_expert(expert_ids)
         out = torch.zeros_like(hidden)  # [T, H]
         flat_weights = routing_weights.flatten()  # [T*k]
+        groups = self._run_on_host(hidden, keys, groups, flat_weights, out)
         for index, chunk in enumerate(self._chunks(keys, groups)):
             try:
                 resident = self.pool.ensure_resident([keys[expert] for expert, _, _ in chunk])
@@ -111,13 +127,29 @@ class PooledExperts:
             if index == 0 and self.prefetcher is not None:
                 self.prefetcher.submit(prefetch)
             for (_, rows, slots), weights in zip(chunk, resident):
-                y = swiglu_mlp(hidden[rows], weights.gate_up, weights.down)  # [n, H]
-                out.index_add_(0, rows, (y * flat_weights[slots, None]).to(out.dtype))
+                add_weighted(out, rows, swiglu_mlp(hidden[rows], weights.gate_up, weights.down), flat_weights[slots])
         return out
 
     def close(self) -> None:
         if self.prefetcher is not None:
             self.prefetcher.close()
+
+    def _run_on_host(self, hidden, keys, groups: list, flat_weights: torch.Tensor, out: torch.Tensor) -> list:
+        """Run the groups whose expert the policy keeps on the host tier there (adding into out); the other groups."""
+        if isinstance(self.host_execution, NeverOnHost):
+            return groups
+        rest = []
+        for expert, rows, slots in groups:
+            key = keys[expert]
+            weights = None
+            if self.host_execution.run_on_host(self.pool.source.expert_nbytes(key), len(rows)):
+                weights = self.pool.host_copy(key, len(rows))
+            if weights is None:
+                rest.append((expert, rows, slots))
+                continue
+            x = hidden[rows].to(weights.gate_up.device, weights.gate_up.dtype)
+            add_weighted(out, rows, swiglu_mlp(x, weights.gate_up, weights.down).to(out.device), flat_weights[slots])
+        return rest
 
     def _chunks(self, keys: Sequence[Hashable], groups: list) -> list[list]:
         """The expert groups split so each chunk's experts fit the device budget together."""
@@ -160,10 +192,11 @@ class OffloadedExperts:
         forecaster: ExpertForecaster | None = None,
         prefetcher: Prefetcher | None = None,
         min_probability: float = 0.8,
+        host_execution: HostExecutionPolicy | None = None,
     ):
         self.table, self.forecaster = table, forecaster
         self.positions = key_positions(table)
-        self.pooled = PooledExperts(pool, list(self.positions), prefetcher, min_probability)
+        self.pooled = PooledExperts(pool, list(self.positions), prefetcher, min_probability, host_execution)
 
     @property
     def pool(self) -> ExpertPool:

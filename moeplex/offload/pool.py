@@ -34,6 +34,8 @@ class PoolStats:
     prefetch_used_bytes: int = 0  # prefetched, then demanded before eviction
     prefetch_wasted_bytes: int = 0  # prefetched, then evicted unused
     prefetch_errors: int = 0
+    host_executions: int = 0  # experts run on the host tier's copy instead of being brought to the device
+    host_executed_tokens: int = 0
 
     @property
     def demands(self) -> int:
@@ -78,6 +80,13 @@ class HostTier:
             host = ExpertWeights(host.gate_up.pin_memory(), host.down.pin_memory())
         self._experts[key] = host
         self.used += host.nbytes
+
+    def peek(self, key: Hashable) -> ExpertWeights | None:
+        """The host copy of key, left in the tier (None when it holds none)."""
+        weights = self._experts.get(key)
+        if weights is not None:
+            self._experts.move_to_end(key)
+        return weights
 
     def take(self, key: Hashable) -> ExpertWeights | None:
         weights = self._experts.pop(key, None)
@@ -137,6 +146,17 @@ class ExpertPool:
             self._unused_prefetches.add(key)
             self.stats.prefetched_bytes += nbytes
         return True
+
+    def host_copy(self, key: Hashable, tokens: int) -> ExpertWeights | None:
+        """The host tier's copy of a key that is not on the device, counted as run there for `tokens` rows; else None."""
+        with self._cond:
+            if key in self._device or key in self._loading:
+                return None
+            weights = self.host.peek(key)
+            if weights is not None:
+                self.stats.host_executions += 1
+                self.stats.host_executed_tokens += tokens
+            return weights
 
     def set_device_budget(self, nbytes: int) -> None:
         """Grow or shrink the budget now; shrinking evicts (policy order) until the experts held fit.

@@ -33,6 +33,8 @@ class ExpertWeights:
 
 
 class ExpertSource(Protocol):
+    dtype: torch.dtype  # of the weights it gives
+
     def expert_nbytes(self, key: Hashable) -> int:
         """Bytes of the expert once resident (in the compute dtype)."""
         ...

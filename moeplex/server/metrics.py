@@ -66,6 +66,8 @@ def offload_metrics(pool: PoolStats):
         ("moeplex_expert_prefetch_used_bytes", "Prefetched bytes that a layer then used", pool.prefetch_used_bytes),
         ("moeplex_expert_prefetch_wasted_bytes", "Prefetched bytes evicted unused", pool.prefetch_wasted_bytes),
         ("moeplex_expert_prefetch_errors", "Prefetches whose read failed", pool.prefetch_errors),
+        ("moeplex_expert_host_executions", "Experts run on the host tier's copy instead of being copied to the device", pool.host_executions),
+        ("moeplex_expert_host_executed_tokens", "Token rows of experts run on the host", pool.host_executed_tokens),
     ):
         yield CounterMetricFamily(name, doc, value=value)
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from moeplex.dtypes import DTYPE_CHOICES, DTYPE_HELP, resolve_dtype
+from moeplex.offload.config import HOST_EXECUTION
 
 MIB = 2**20
 POLICIES = ("lru", "lfu", "trace")
@@ -38,6 +39,11 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     offload.add_argument("--host-budget-mib", type=float, metavar="MIB", help="MiB of host RAM (pinned on CUDA) that keeps experts evicted from the device, so they are not read from disk again (default: 0, none)")
     offload.add_argument("--offload-policy", choices=POLICIES, help="expert eviction: lru, lfu, or trace (lowest predicted reuse x transfer cost; default)")
     offload.add_argument("--no-prefetch", action="store_true", help="fetch experts only when a layer needs them (default: prefetch predicted experts)")
+    offload.add_argument(
+        "--host-execution", choices=HOST_EXECUTION,
+        help="run an expert held in the host tier on the CPU for the few tokens that need it instead of copying it to the GPU: "
+             "auto (when this machine's measured CPU and link speeds say it is faster; GPU only; default), never, or always",
+    )
 
 
 def serve_from_options(args: argparse.Namespace) -> None:
@@ -72,7 +78,7 @@ def serve_from_options(args: argparse.Namespace) -> None:
 def offload_budget(args: argparse.Namespace, expert_bytes: int) -> int | None:
     """Device bytes for experts from --expert-budget-mib (None: all resident); ValueError when it cannot hold one expert."""
     if args.expert_budget_mib is None:
-        given = [flag for flag, value in (("--host-budget-mib", args.host_budget_mib), ("--offload-policy", args.offload_policy), ("--no-prefetch", args.no_prefetch)) if value]
+        given = [flag for flag, value in (("--host-budget-mib", args.host_budget_mib), ("--offload-policy", args.offload_policy), ("--no-prefetch", args.no_prefetch), ("--host-execution", args.host_execution)) if value]
         if given:
             raise ValueError(f"{', '.join(given)} only apply with --expert-budget-mib")
         return None
@@ -92,4 +98,7 @@ def offload_config(args: argparse.Namespace, budget: int):
     policy = args.offload_policy or "trace"
     prediction = "none" if args.no_prefetch and policy != "trace" else "combined"
     host = int((args.host_budget_mib or 0) * MIB)
-    return OffloadConfig(device_budget=budget, host_budget=host, policy=policy, prediction=prediction, prefetch=not args.no_prefetch)
+    return OffloadConfig(
+        device_budget=budget, host_budget=host, policy=policy, prediction=prediction, prefetch=not args.no_prefetch,
+        host_execution=args.host_execution or "auto",
+    )
