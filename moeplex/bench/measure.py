@@ -1,7 +1,8 @@
-"""Measurement helpers shared by benchmarks: alternating timed runs, medians, streaming bandwidth."""
+"""Measurement helpers shared by benchmarks: alternating timed runs, medians and percentiles, streaming bandwidth."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -33,6 +34,17 @@ def alternate(runs: dict[str, Callable[[], object]], repeats: int, warmup: int =
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between closest ranks (numpy's default); nan for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def streaming_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7, device="cpu") -> float:

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from moeplex.bench.measure import median
+from moeplex.bench.measure import median, percentile
 from moeplex.bench.serve_options import ServeBenchSettings
 from moeplex.dtypes import resolve_dtype
 from moeplex.engine import LLM, EngineConfig
@@ -91,12 +91,7 @@ async def open_loop(url: str, requests: list[BenchRequest], rate: float, setting
             tasks.append(asyncio.create_task(one(http, request)))
             await asyncio.sleep(rng.expovariate(rate))
         await asyncio.gather(*tasks)
-    return {"ttft_p50": statistics.median(ttfts), "ttft_p90": percentile(ttfts, 0.9), "rate": rate, "ttft_seconds": ttfts}
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[int(fraction * (len(ordered) - 1))]
+    return {"ttft_p50": statistics.median(ttfts), "ttft_p90": percentile(ttfts, 90), "rate": rate, "ttft_seconds": ttfts}
 
 
 def engine_config(settings: ServeBenchSettings, backbone_budget_bytes: int | None = None) -> EngineConfig:
@@ -141,7 +136,7 @@ def run_serve_benchmark(store: Path, settings: ServeBenchSettings) -> dict:
         name: {
             "tokens_per_second": median([r["tokens_per_second"] for r in throughput[name]]),
             "ttft_p50_seconds": statistics.median(pooled[name]),
-            "ttft_p90_seconds": percentile(pooled[name], 0.9),
+            "ttft_p90_seconds": percentile(pooled[name], 90),
             "runs": {"closed_loop": throughput[name], "open_loop": ttft[name]},
         }
         for name in systems

@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import math
 
+from moeplex.bench.measure import percentile
 from moeplex.bench.multitenant.client import Sample
 
 STATISTICS = ("mean", "p50", "p90", "p99")
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100), linear between closest ranks (numpy's default); nan for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def describe(values: list[float]) -> dict[str, float]:
