@@ -39,6 +39,7 @@ def test_config_names_the_policy_and_cpu_gains_nothing_from_auto():
     assert isinstance(make_host_execution("auto", "cpu", torch.bfloat16), NeverOnHost)
     assert isinstance(make_host_execution("never", "cpu", torch.bfloat16), NeverOnHost)
     assert isinstance(make_host_execution("always", "cpu", torch.bfloat16), AlwaysOnHost)
+    assert isinstance(make_host_execution("always", "cpu", torch.bfloat16, host_budget=0), NeverOnHost)  # no host tier
     with pytest.raises(ValueError, match="host execution must be one of auto, never, always"):
         make_host_execution("sometimes", "cpu", torch.bfloat16)
     with pytest.raises(ValueError, match="host_execution must be one of"):

@@ -96,7 +96,7 @@ class OffloadedStepExperts:
         self.source = StoreExpertSource(store, manifest, spec, dtype)
         self.disk_bytes = sum(manifest.experts[key].bytes for key in self.keys)
         pool = make_pool(self.source, config, device)
-        host_execution = make_host_execution(config.host_execution, device, dtype)
+        host_execution = make_host_execution(config.host_execution, device, dtype, config.host_budget)
         self.pooled = PooledExperts(pool, self.keys, Prefetcher(pool) if config.prefetch else None, config.min_probability, host_execution)
         self.library = load_store_library(store, spec, config) if config.prediction != "none" else None
         self.forecasters: dict[str, ExpertForecaster] = {}

@@ -84,13 +84,15 @@ class HostCostModel:
         )
 
 
-def make_host_execution(name: str, device, dtype: torch.dtype) -> HostExecutionPolicy:
-    """auto: the measured cost model on a GPU, never on CPU; never; always."""
+def make_host_execution(name: str, device, dtype: torch.dtype, host_budget: int = 1) -> HostExecutionPolicy:
+    """auto: the measured cost model on a GPU, never on CPU; never; always. Never without a host tier (host_budget 0)."""
     if name not in HOST_EXECUTION:
         raise ValueError(f"host execution must be one of {', '.join(HOST_EXECUTION)}, not '{name}'")
     device = torch.device(device)
+    if name == "never" or host_budget <= 0:
+        return NeverOnHost()
     if name == "always":
         return AlwaysOnHost()
-    if name == "never" or device.type == "cpu":
+    if device.type == "cpu":
         return NeverOnHost()
-    return HostCostModel.measure(device, dtype)
+    return HostCostModel.measure(device, dtype)  # only measured when there is a host tier to run from

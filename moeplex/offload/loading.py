@@ -69,7 +69,7 @@ def build_offloaded_experts(
     library = library if library is not None else TraceLibrary(spec.num_layers, spec.num_experts, config.trace_capacity)
     forecaster = make_forecaster(spec, backbone, config, library, scorer)
     prefetcher = Prefetcher(pool) if config.prefetch else None
-    host_execution = make_host_execution(config.host_execution, device, source.dtype)
+    host_execution = make_host_execution(config.host_execution, device, source.dtype, config.host_budget)
     return OffloadedExperts(table, pool, forecaster, prefetcher, config.min_probability, host_execution)
 
 
