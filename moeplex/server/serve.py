@@ -34,7 +34,7 @@ class BackgroundServer:
 
     def __init__(self, app, startup_timeout: float = 30.0):
         self.app, self.startup_timeout = app, startup_timeout
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # a TCP proto, so asyncio turns Nagle off on accepted sockets
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind(("127.0.0.1", 0))
         self.port = self.socket.getsockname()[1]
