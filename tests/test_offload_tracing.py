@@ -128,6 +128,21 @@ def test_router_lookahead_applies_the_later_layers_router_to_the_current_input()
     assert torch.allclose(predicted[others], (TOP_K * probs[others]).clamp(max=1.0), atol=1e-6), "the rest: k x router probability"
 
 
+def test_router_lookahead_from_the_residual_uses_the_target_layers_own_norm():
+    generator = torch.Generator().manual_seed(25)
+    hidden_size = 16
+    routers = [torch.randn(EXPERTS, hidden_size, generator=generator) * 3 for _ in range(LAYERS)]
+    norms = [torch.rand(hidden_size, generator=generator) + 0.5 for _ in range(LAYERS)]
+    residual = torch.randn(3, hidden_size, generator=generator) * 7
+    lookahead = RouterLookahead(routers, TOP_K, norms, eps=1e-6)
+    router_input = residual * torch.rsqrt(residual.pow(2).mean(-1, keepdim=True) + 1e-6) * norms[2]
+    assert torch.allclose(lookahead.predict_from_residual(residual, 2), lookahead.predict(router_input, [2])[0])
+    other_norm = lookahead.predict(residual * torch.rsqrt(residual.pow(2).mean(-1, keepdim=True)) * norms[1], [2])[0]
+    assert not torch.allclose(lookahead.predict_from_residual(residual, 2), other_norm)
+    with pytest.raises(ValueError, match="MLP norms"):
+        RouterLookahead(routers, TOP_K).predict_from_residual(residual, 2)
+
+
 def test_combined_prediction_uses_trace_matching_alone_for_the_next_token():
     generator = torch.Generator().manual_seed(24)
     library = TraceLibrary(LAYERS, EXPERTS)
@@ -155,3 +170,36 @@ def test_scorer_counts_precision_and_recall_by_distance():
     assert report["precision"] == pytest.approx(2 / 6)
     assert report["recall"] == pytest.approx(2 / 4)
     assert report["scored"] == 4
+
+
+def test_scorer_revise_replaces_the_earlier_prediction_at_that_distance():
+    scorer = PredictionScorer(num_layers=3, threshold=0.5)
+    scorer.observe(0, torch.tensor([[0, 2]]))
+    scorer.expect(0, [1, 2], [1, 2], torch.tensor([[1.0, 1.0, 0, 0, 0, 0], [0, 0, 1.0, 1.0, 0, 0]]))  # layer 1: {0, 1}
+    scorer.revise(0, 1, 1, torch.tensor([0, 0, 0, 0.9, 0.8, 0]))  # layer 1: {3, 4}
+    scorer.observe(1, torch.tensor([[3, 4]]))
+    scorer.observe(2, torch.tensor([[2, 3]]))
+    report = scorer.report()
+    assert report[1] == {"precision": 1.0, "recall": 1.0, "scored": 2}, "only the revised prediction is scored"
+    assert report[2]["recall"] == 1.0
+
+
+def test_forecaster_revises_only_the_next_layer_of_the_same_token():
+    from moeplex.offload.forecast import ExpertForecaster
+
+    generator = torch.Generator().manual_seed(26)
+    hidden_size = 8
+    routers = [torch.randn(EXPERTS, hidden_size, generator=generator) for _ in range(LAYERS)]
+    norms = [torch.rand(hidden_size, generator=generator) + 0.5 for _ in range(LAYERS)]
+    lookahead = RouterLookahead(routers, TOP_K, norms, eps=1e-6)
+    forecaster = ExpertForecaster((True,) * LAYERS, ActivationTracer(TraceLibrary(LAYERS, EXPERTS)), CombinedPredictor(None, lookahead), window=2)
+    forecaster.begin_request("v")
+    hidden, residual = torch.randn(2, hidden_size, generator=generator), torch.randn(2, hidden_size, generator=generator)
+    before = forecaster.observe(0, hidden, random_choices(generator, 2)).window.clone()
+    assert forecaster.revise(1, residual) is None, "layer 1 has not routed yet"
+    revised = forecaster.revise(0, residual)
+    assert torch.allclose(revised.window[0], lookahead.predict_from_residual(residual, 1))
+    assert torch.allclose(revised.need[1], revised.window[0])
+    assert torch.equal(revised.window[1], before[1]), "layer 2 keeps the prediction made at layer 0"
+    forecaster.observe(2, hidden, random_choices(generator, 2))
+    assert forecaster.revise(2, residual) is None, "the next token's first layer is not predicted from this token"

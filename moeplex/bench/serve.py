@@ -97,7 +97,7 @@ async def open_loop(url: str, requests: list[BenchRequest], rate: float, setting
 def engine_config(settings: ServeBenchSettings, backbone_budget_bytes: int | None = None) -> EngineConfig:
     return EngineConfig(
         dtype=resolve_dtype(settings.dtype),
-        max_num_seqs=settings.concurrency,
+        max_num_seqs=max(settings.max_num_seqs, settings.concurrency),
         max_num_batched_tokens=max(256, settings.concurrency * settings.prompt_tokens),
         max_model_len=settings.prompt_tokens + settings.output_tokens,
         backbone_budget_bytes=backbone_budget_bytes,

@@ -14,6 +14,7 @@ from moeplex.dtypes import DTYPE_CHOICES, DTYPE_HELP
 class ServeBenchSettings:
     num_variants: int = 4
     concurrency: int = 8
+    max_num_seqs: int = 32  # the engine's running-sequence limit, above the closed loop's concurrency so open-loop bursts are not queued for a slot
     closed_loop_requests: int = 48
     open_loop_requests: int = 48
     load_fraction: float = 0.5  # Poisson rate as a fraction of the single-variant saturated request rate
@@ -30,6 +31,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", type=Path, help="store to serve (default: the tiny demo family's consolidated store that `make run` serves, built if missing)")
     add_json_option(parser)
     parser.add_argument("--concurrency", type=int, default=defaults.concurrency, help=f"closed-loop clients (default: {defaults.concurrency})")
+    parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, help=f"the engine's limit on running sequences (default: {defaults.max_num_seqs})")
     parser.add_argument("--requests", type=int, default=defaults.closed_loop_requests, help=f"requests per closed-loop run (default: {defaults.closed_loop_requests})")
     parser.add_argument("--output-tokens", type=int, default=defaults.output_tokens, help=f"tokens per completion (default: {defaults.output_tokens})")
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help=f"alternating runs per system (default: {defaults.repeats})")
@@ -43,7 +45,7 @@ def run_from_options(args: argparse.Namespace) -> dict:
     from moeplex.demo.stores import demo_store
 
     settings = ServeBenchSettings(
-        concurrency=args.concurrency, closed_loop_requests=args.requests, output_tokens=args.output_tokens,
+        concurrency=args.concurrency, max_num_seqs=args.max_num_seqs, closed_loop_requests=args.requests, output_tokens=args.output_tokens,
         repeats=args.repeats, threads=args.threads, dtype=args.dtype,
     )
     result = run_serve_benchmark(args.store or demo_store(), settings)

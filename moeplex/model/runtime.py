@@ -60,12 +60,18 @@ class MoEModel:
 def decoder_layers(
     spec: ModelSpec, layers: list[LayerWeights], h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunks: list[SequenceChunk], experts: ExpertCompute
 ) -> torch.Tensor:
-    """The residual stream h [T, H] after every decoder layer (attention, then the dense or routed MLP)."""
+    """The residual stream h [T, H] after every decoder layer (attention, then the dense or routed MLP).
+
+    An expert door with an `after_layer(layer, h)` method (one that prefetches) is told each layer's output.
+    """
+    after_layer = getattr(experts, "after_layer", None)
     for layer, weights in enumerate(layers):
         x = rms_norm(h, weights.attn_norm, spec.rms_norm_eps)
         h = h + attention(spec, layer, x, weights.attention, cos, sin, chunks)
         x = rms_norm(h, weights.mlp_norm, spec.rms_norm_eps)
         h = h + feed_forward(spec, layer, weights, x, experts)
+        if after_layer is not None:
+            after_layer(layer, h)
     return h
 
 

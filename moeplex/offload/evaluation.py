@@ -39,6 +39,13 @@ class PredictionScorer:
             predicted = set(torch.nonzero(row >= self.threshold).flatten().tolist())
             self._pending[(step, target)].append((distance, predicted))
 
+    def revise(self, layer: int, target: int, distance: int, row: torch.Tensor) -> None:
+        """Replace the prediction made at layer for target, `distance` steps ahead, with row [E] (a later, better one)."""
+        step = self._step + (layer + distance) // self.num_layers
+        pending = self._pending[(step, target)]
+        predicted = set(torch.nonzero(row >= self.threshold).flatten().tolist())
+        pending[:] = [entry for entry in pending if entry[0] != distance] + [(distance, predicted)]
+
     def report(self) -> dict[int, dict[str, float]]:
         """{distance: {"precision", "recall", "scored"}} over every prediction scored so far."""
         result = {}

@@ -36,9 +36,11 @@ class ExpertForecaster:
         self.sparse = [layer for layer, is_sparse in enumerate(sparse_layers) if is_sparse]
         self.num_layers = len(sparse_layers)
         self.tracer, self.predictor, self.window, self.scorer = tracer, predictor, window, scorer
+        self._last: Outlook | None = None  # the outlook of the layer that routed last, until the next one routes
 
     def begin_request(self, variant: str) -> None:
         self.tracer.begin(variant)
+        self._last = None
         if self.scorer is not None:
             self.scorer.reset()
 
@@ -52,6 +54,7 @@ class ExpertForecaster:
         returned, unless predictions are being scored.
         """
         self.tracer.record(layer, expert_ids)
+        self._last = None
         if not predict and self.scorer is None:
             return None
         targets, distances = self._targets(layer)
@@ -62,7 +65,26 @@ class ExpertForecaster:
         if self.scorer is not None:
             self.scorer.observe(layer, expert_ids)
             self.scorer.expect(layer, targets, distances, window)
-        return Outlook(layer, targets, distances, window, need)
+        self._last = Outlook(layer, targets, distances, window, need)
+        return self._last
+
+    def revise(self, layer: int, residual: torch.Tensor) -> Outlook | None:
+        """Layer `layer` has run and residual [T, H] enters the next one: the outlook with the next layer re-predicted.
+
+        Only when the next layer is sparse and this token's (the next token's first layer depends on a token
+        not chosen yet) and the predictor can read a residual; else None.
+        """
+        outlook = self._last
+        if outlook is None or outlook.layer != layer or not outlook.distances or outlook.distances[0] != 1 or layer + 1 >= self.num_layers:
+            return None
+        row = self.predictor.revise(residual, outlook.targets[0])
+        if row is None:
+            return None
+        outlook.window[0] = row
+        outlook.need[outlook.targets[0]] = row
+        if self.scorer is not None:
+            self.scorer.revise(layer, outlook.targets[0], 1, row)
+        return outlook
 
     def _targets(self, layer: int) -> tuple[list[int], list[int]]:
         position = self.sparse.index(layer)

@@ -42,7 +42,8 @@ def make_forecaster(
     tracer = ActivationTracer(library)
     matcher = TraceMatcher(tracer, spec.top_k, config.trace_matches) if config.prediction in ("trace", "combined") else None
     routers = [layer.router for layer in backbone.layers]
-    lookahead = RouterLookahead(routers, spec.top_k) if config.prediction in ("lookahead", "combined") else None
+    mlp_norms = [layer.mlp_norm for layer in backbone.layers]
+    lookahead = RouterLookahead(routers, spec.top_k, mlp_norms, spec.rms_norm_eps) if config.prediction in ("lookahead", "combined") else None
     predictor = CombinedPredictor(matcher, lookahead, config.lookahead_weight)
     return ExpertForecaster(spec.sparse_layers, tracer, predictor, config.window, scorer)
 

@@ -214,6 +214,12 @@ class OffloadedExperts:
                 prefetch = self.pooled.plan(layer, [Forecast(self.table, self.positions, outlook)])
         return self.pooled.run(hidden, expert_ids, routing_weights, self.table[layer], prefetch)
 
+    def after_layer(self, layer: int, residual: torch.Tensor) -> None:
+        """Layer `layer` has run: re-predict the next layer from the residual [T, H] entering it and prefetch for it."""
+        outlook = self.forecaster.revise(layer, residual) if self.forecaster is not None else None  # None unless layer predicted
+        if outlook is not None and self.pooled.needs_forecasts and self.prefetcher is not None:
+            self.prefetcher.submit(self.pooled.plan(layer, [Forecast(self.table, self.positions, outlook)]))
+
     @contextmanager
     def request(self, variant: str) -> Iterator[None]:
         """Everything run inside is traced as one request of `variant` (a batch counts as one request)."""
