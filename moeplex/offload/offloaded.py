@@ -85,17 +85,23 @@ class PooledExperts:
         self.pool.set_device_budget(nbytes)
 
     def plan(self, layer: int, forecasts: list[Forecast]) -> list[PrefetchRequest]:
-        """Give the trace-aware policy fresh reuse estimates; the prefetch requests the forecasts call for.
+        """Give the trace-aware policy fresh reuse estimates; the prefetch requests the forecasts call for."""
+        self.update_reuse(layer, forecasts)
+        return self.prefetch_requests(forecasts)
 
-        Reuse rates of a key add up over variants; the chance that the step needs a key is the union
-        over variants, 1 - prod(1 - p), at its nearest distance.
-        """
-        if isinstance(self.pool.policy, TraceAwarePolicy):
-            rates: dict[Hashable, float] = {}
-            for forecast in forecasts:
-                for key, rate in reuse_rates(forecast.outlook.need, layer, forecast.positions).items():
-                    rates[key] = rates.get(key, 0.0) + rate
-            self.pool.policy.set_reuse(rates)
+    def update_reuse(self, layer: int, forecasts: list[Forecast]) -> None:
+        """Hand the trace-aware policy each key's reuse rate, summed over variants (nothing for other policies)."""
+        if not isinstance(self.pool.policy, TraceAwarePolicy):
+            return
+        rates: dict[Hashable, float] = {}
+        for forecast in forecasts:
+            for key, rate in reuse_rates(forecast.outlook.need, layer, forecast.positions).items():
+                rates[key] = rates.get(key, 0.0) + rate
+        self.pool.policy.set_reuse(rates)
+
+    def prefetch_requests(self, forecasts: list[Forecast]) -> list[PrefetchRequest]:
+        """Non-resident keys the forecasts' windows call for; a key's chance is the union over variants,
+        1 - prod(1 - p), at its nearest distance."""
         if self.prefetcher is None:
             return []
         missing: dict[Hashable, tuple[float, int]] = {}  # key -> (probability that no variant needs it, distance)
@@ -215,10 +221,14 @@ class OffloadedExperts:
         return self.pooled.run(hidden, expert_ids, routing_weights, self.table[layer], prefetch)
 
     def after_layer(self, layer: int, residual: torch.Tensor) -> None:
-        """Layer `layer` has run: re-predict the next layer from the residual [T, H] entering it and prefetch for it."""
+        """Layer `layer` has run: re-predict the next layer from the residual [T, H] entering it and prefetch for it.
+
+        The reuse estimates of the eviction policy stay those of the layer's forecast (recomputing them
+        for every layer twice cost more than the revision gained).
+        """
         outlook = self.forecaster.revise(layer, residual) if self.forecaster is not None else None  # None unless layer predicted
         if outlook is not None and self.pooled.needs_forecasts and self.prefetcher is not None:
-            self.prefetcher.submit(self.pooled.plan(layer, [Forecast(self.table, self.positions, outlook)]))
+            self.prefetcher.submit(self.pooled.prefetch_requests([Forecast(self.table, self.positions, outlook)]))
 
     @contextmanager
     def request(self, variant: str) -> Iterator[None]:
