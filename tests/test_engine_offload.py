@@ -114,6 +114,33 @@ def test_prediction_runs_only_while_the_budget_cannot_hold_every_expert(store):
         engine.close()
 
 
+def test_each_variant_revises_its_next_layer_from_its_own_rows_of_the_residual(store, monkeypatch):
+    from moeplex.offload.forecast import ExpertForecaster
+
+    requests = make_requests(store)
+    expected = resident_tokens(store, requests)
+    revised, revise = [], ExpertForecaster.revise
+
+    def counted(forecaster, layer, residual):
+        outlook = revise(forecaster, layer, residual)
+        revised.append(outlook is not None)
+        return outlook
+
+    monkeypatch.setattr(ExpertForecaster, "revise", counted)
+    engine = offloaded_engine(store, 2)
+    door, residual_shapes = engine.offloaded, []
+    after_layer = door.after_layer
+    door.after_layer = lambda layer, residuals: residual_shapes.append({v: r.shape for v, r in residuals.items()}) or after_layer(layer, residuals)
+    try:
+        assert run_engine(engine, requests) == expected
+    finally:
+        engine.close()
+    hidden = StoreReader(store).spec("base").hidden_size
+    assert any(len(step) > 1 for step in residual_shapes), "mixed steps hand every variant its own rows"
+    assert all(shape[1] == hidden for step in residual_shapes for shape in step.values())
+    assert any(revised), "next-layer predictions were revised"
+
+
 def test_a_budget_below_one_expert_is_refused(store):
     with pytest.raises(ValueError, match="smaller than one expert"):
         Engine(store, EngineConfig(dtype=torch.float32, expert_budget_bytes=expert_bytes(store) - 1))

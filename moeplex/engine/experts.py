@@ -135,6 +135,17 @@ class OffloadedStepExperts:
         hidden, rows, weights = joined(layer, routed, self.rows)
         return self.pooled.run(hidden, rows, weights, self.keys, prefetch)
 
+    def after_layer(self, layer: int, residuals: dict[str, torch.Tensor]) -> None:
+        """Layer `layer` has run: each variant re-predicts its next layer from its rows of the residual; prefetch for them."""
+        forecasts = []
+        for variant, residual in residuals.items():
+            outlook = self.forecasters[variant].revise(layer, residual) if variant in self.forecasters else None
+            if outlook is not None:
+                forecasts.append(Forecast(self.tables[variant], self.positions[variant], outlook))
+        prefetcher = self.pooled.prefetcher
+        if forecasts and prefetcher is not None and self.pooled.needs_forecasts:
+            prefetcher.submit(self.pooled.prefetch_requests(forecasts))
+
     @property
     def device_budget(self) -> int:
         return self.pool.device_budget

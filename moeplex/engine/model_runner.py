@@ -72,13 +72,25 @@ class MixedVariantRunner:
         )
         cos, sin = self.rope.cos_sin(chunk_positions(chunks).to(self.device), self.dtype)
 
-        def routed_experts(layer: int, x: torch.Tensor, expert_ids: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
-            parts = zip(groups, *(torch.split(t, sizes) for t in (x, expert_ids, routing_weights)))
-            return self.experts(layer, [RoutedTokens(g.variant, h, ids, w) for g, h, ids, w in parts])
-
-        h = decoder_layers(self.spec, step.layers, step.embedded, cos, sin, chunks, routed_experts)
+        h = decoder_layers(self.spec, step.layers, step.embedded, cos, sin, chunks, GroupedExpertDoor(self.experts, groups, sizes))
         for chunk in chunks:
             chunk.cache.length = chunk.start + chunk.num_tokens
         last = h[last_token_rows(chunks).to(self.device)]
         logits = linear(rms_norm(last, step.final_norm, self.spec.rms_norm_eps), step.lm_head).float()
         return list(torch.split(logits, [len(g.chunks) for g in groups]))
+
+
+class GroupedExpertDoor:
+    """The runtime's expert door over a step's variant groups: splits the flat batch into each group's rows."""
+
+    def __init__(self, experts: StepExperts, groups: list[VariantGroup], sizes: list[int]):
+        self.experts, self.groups, self.sizes = experts, groups, sizes
+        if hasattr(experts, "after_layer"):  # a door that prefetches hears each layer's output
+            self.after_layer = self._after_layer
+
+    def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        parts = zip(self.groups, *(torch.split(t, self.sizes) for t in (x, expert_ids, routing_weights)))
+        return self.experts(layer, [RoutedTokens(g.variant, h, ids, w) for g, h, ids, w in parts])
+
+    def _after_layer(self, layer: int, residual: torch.Tensor) -> None:
+        self.experts.after_layer(layer, {g.variant: h for g, h in zip(self.groups, torch.split(residual, self.sizes))})
