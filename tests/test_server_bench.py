@@ -11,7 +11,7 @@ def test_bench_serve_reports_ratios_and_switch_cost(tmp_path):
     store = build_serving_store(tmp_path)
     settings = ServeBenchSettings(
         num_variants=3, concurrency=3, closed_loop_requests=6, open_loop_requests=4, prompt_tokens=8, output_tokens=4,
-        repeats=3, threads=1, dtype="fp32",
+        repeats=3, threads=1, dtype="fp32", engine_step_arrivals=8,
     )
     result = run_serve_benchmark(store, settings)
     assert result["throughput_ratio_multi_vs_single"] > 0 and result["ttft_p50_ratio_multi_vs_single"] > 0
@@ -22,7 +22,9 @@ def test_bench_serve_reports_ratios_and_switch_cost(tmp_path):
     runs = {system: result[system]["runs"]["closed_loop"] for system in ("multi", "single")}
     pair_ratios = sorted(m["tokens_per_second"] / s["tokens_per_second"] for m, s in zip(runs["multi"], runs["single"]))
     assert result["throughput_ratio_multi_vs_single"] == pair_ratios[len(pair_ratios) // 2]  # median of the pairs
-    assert "throughput ratio" in format_table(result)
+    steps = result["engine_step_ratio_multi_vs_single"]
+    assert steps["with_prefill"] > 0 and steps["decode_only"] > 0 and steps["steps"] == 6 * 8
+    assert "throughput ratio" in format_table(result) and "engine alone" in format_table(result)
 
 
 def test_pairs_alternate_their_order_and_ratios_are_the_median_of_the_pairs():

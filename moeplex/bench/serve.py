@@ -6,7 +6,7 @@ time to first token is measured in an open loop at a Poisson rate below saturati
 requests of every run of a system. Each repeat runs the two systems back to back (in alternating order) and
 the ratios are medians of the repeats' ratios, which the drift of a shared machine's speed barely moves. A
 second engine whose backbone budget holds one backbone reports switch count, switch time and how much
-background loading hid.
+background loading hid; last, the engines alone (no HTTP, no queueing) give the step-time ratio.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 
 from moeplex.bench.measure import median, percentile
 from moeplex.bench.serve_options import ServeBenchSettings
+from moeplex.bench.serve_steps import engine_step_ratios
 from moeplex.dtypes import resolve_dtype
 from moeplex.engine import LLM, EngineConfig
 from moeplex.server import BackgroundServer, create_app
@@ -142,6 +143,7 @@ def run_serve_benchmark(store: Path, settings: ServeBenchSettings) -> dict:
         for name in systems
     }
     one_backbone = run_one_backbone(store, settings, variants, closed)
+    steps = engine_step_ratios(store, engine_config(settings), settings.num_variants, settings.prompt_tokens, settings.output_tokens, settings.engine_step_arrivals, settings.seed)
     return {
         "throughput_ratio_multi_vs_single": paired_ratio(throughput["multi"], throughput["single"], "tokens_per_second"),
         "ttft_p50_ratio_multi_vs_single": paired_ratio(ttft["multi"], ttft["single"], "ttft_p50"),
@@ -154,6 +156,7 @@ def run_serve_benchmark(store: Path, settings: ServeBenchSettings) -> dict:
         "multi": summary["multi"],
         "single": summary["single"],
         "one_backbone": one_backbone,
+        "engine_step_ratio_multi_vs_single": steps,
         "settings": asdict(settings),
         "compute_dtype": str(llm.engine.config.dtype).removeprefix("torch."),
         "store": str(store),
@@ -200,6 +203,7 @@ def run_one_backbone(store: Path, settings: ServeBenchSettings, variants: list[s
 
 def format_table(result: dict) -> str:
     multi, single, one, pairs = result["multi"], result["single"], result["one_backbone"], result["pair_ratios"]
+    steps = result["engine_step_ratio_multi_vs_single"]
     return "\n".join(
         [
             f"{'system':<22}{'tokens/s':>10}{'TTFT p50 ms':>13}{'TTFT p90 ms':>13}",
@@ -214,5 +218,7 @@ def format_table(result: dict) -> str:
             f"one resident backbone: {one['tokens_per_second']:.1f} tokens/s, {one['switches']} switches, "
             f"{one['mean_switch_wait_ms']:.1f} ms waited per switch, {100 * one['hidden_fraction']:.0f}% of loading hidden "
             f"({one['prefetch_hits']} prefetch hits)",
+            f"engine alone, 4-variant step / 1-variant step (median of paired steps): {steps['with_prefill']:.3f} with a prefill, "
+            f"{steps['decode_only']:.3f} decoding",
         ]
     )

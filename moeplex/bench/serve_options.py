@@ -20,6 +20,7 @@ class ServeBenchSettings:
     load_fraction: float = 0.5  # Poisson rate as a fraction of the single-variant saturated request rate
     prompt_tokens: int = 32
     output_tokens: int = 32
+    engine_step_arrivals: int = 120  # requests fed to the engines-alone step comparison, one every 8 steps
     repeats: int = 11  # pairs: one pair moves by 0.1-0.5 on a shared 2-core VM; the median of 11 by much less
     threads: int = 2
     dtype: str = "bf16"
