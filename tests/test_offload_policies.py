@@ -40,6 +40,19 @@ def test_trace_aware_evicts_lowest_reuse_times_transfer_cost():
     assert policy.choose_victim(["a", "b"]) == "b"  # no estimate: lowest
 
 
+def test_trace_aware_computes_reuse_given_as_a_function_once_and_only_when_it_ranks():
+    policy = TraceAwarePolicy()
+    for key in ["a", "b"]:
+        policy.record_access(key)
+    calls = []
+    policy.set_reuse(lambda: calls.append(1) or {"a": 0.1, "b": 0.4})
+    assert calls == [], "nothing ranked yet"
+    assert policy.choose_victim(["a", "b"]) == "a" and policy.choose_victim(["b"]) == "b"
+    assert calls == [1], "computed once for every ranking until the next estimates"
+    policy.set_reuse(lambda: {"a": 0.9})
+    assert policy.choose_victim(["a", "b"]) == "b"
+
+
 def test_make_policy_by_name():
     assert isinstance(make_policy("lru"), LRUPolicy)
     assert isinstance(make_policy("lfu"), LFUPolicy)

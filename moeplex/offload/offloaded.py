@@ -90,14 +90,22 @@ class PooledExperts:
         return self.prefetch_requests(forecasts)
 
     def update_reuse(self, layer: int, forecasts: list[Forecast]) -> None:
-        """Hand the trace-aware policy each key's reuse rate, summed over variants (nothing for other policies)."""
+        """Hand the trace-aware policy each key's reuse rate, summed over variants (nothing for other policies).
+
+        The rates are computed when the policy first ranks keys after this, from the forecasts' need
+        tables as they are then (a revision of the next layer after this layer included).
+        """
         if not isinstance(self.pool.policy, TraceAwarePolicy):
             return
-        rates: dict[Hashable, float] = {}
-        for forecast in forecasts:
-            for key, rate in reuse_rates(forecast.outlook.need, layer, forecast.positions).items():
-                rates[key] = rates.get(key, 0.0) + rate
-        self.pool.policy.set_reuse(rates)
+
+        def summed_rates() -> dict[Hashable, float]:  # run by the policy only when it has to rank
+            rates: dict[Hashable, float] = {}
+            for forecast in forecasts:
+                for key, rate in reuse_rates(forecast.outlook.need, layer, forecast.positions).items():
+                    rates[key] = rates.get(key, 0.0) + rate
+            return rates
+
+        self.pool.policy.set_reuse(summed_rates)
 
     def prefetch_requests(self, forecasts: list[Forecast]) -> list[PrefetchRequest]:
         """Non-resident keys the forecasts' windows call for; a key's chance is the union over variants,

@@ -7,7 +7,7 @@ layer needs). Lower `priority` means evicted first.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 
 ExpertKey = Hashable
 
@@ -71,9 +71,12 @@ class TraceAwarePolicy(EvictionPolicy):
     """Evicts the expert with the lowest predicted reuse rate times the cost of fetching it again.
 
     Reuse rates (expected uses per layer step, see `moeplex.offload.reuse`) come from the running
-    batch's predictions and the trace library; `set_reuse` replaces them in one assignment, so a
-    prefetch thread reading them concurrently sees either the old or the new estimates. Keys without
-    an estimate rank lowest; ties go to the least recently used.
+    batch's predictions and the trace library. `set_reuse` takes them, or a function that computes them,
+    which then runs at the first ranking asked for after it: most layers evict nothing, so computing
+    every key's rate at every layer would mostly be wasted host time on the compute thread. The
+    estimates are swapped in one assignment, so a prefetch thread ranking concurrently sees either the
+    old or the new ones (at worst a function runs twice). Keys without an estimate rank lowest; ties go
+    to the least recently used.
     """
 
     name = "trace"
@@ -81,13 +84,25 @@ class TraceAwarePolicy(EvictionPolicy):
     def __init__(self, transfer_cost: Callable[[ExpertKey], float] = lambda key: 1.0):
         super().__init__()
         self.transfer_cost = transfer_cost
-        self._reuse: dict[ExpertKey, float] = {}
+        self._reuse: tuple[Callable[[], Mapping[ExpertKey, float]], Mapping[ExpertKey, float] | None] = (dict, None)
 
-    def set_reuse(self, reuse_rates: dict[ExpertKey, float]) -> None:
-        self._reuse = reuse_rates
+    def set_reuse(self, reuse_rates: Mapping[ExpertKey, float] | Callable[[], Mapping[ExpertKey, float]]) -> None:
+        if callable(reuse_rates):
+            self._reuse = (reuse_rates, None)
+        else:
+            self._reuse = (lambda: reuse_rates, reuse_rates)
+
+    def reuse_rates(self) -> Mapping[ExpertKey, float]:
+        current = self._reuse
+        compute, rates = current
+        if rates is None:
+            rates = compute()
+            if self._reuse is current:
+                self._reuse = (compute, rates)
+        return rates
 
     def priority(self, key):
-        return (self._reuse.get(key, 0.0) * self.transfer_cost(key), self.recency(key))
+        return (self.reuse_rates().get(key, 0.0) * self.transfer_cost(key), self.recency(key))
 
 
 POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy, "trace": TraceAwarePolicy}
