@@ -12,11 +12,11 @@ from moeplex.model.sampling import SamplingParams
 
 
 def engine_step_ratios(store: Path, config: EngineConfig, num_variants: int, prompt_tokens: int, output_tokens: int, arrivals: int = 120, seed: int = 0) -> dict:
-    """Median paired step-time ratio, 4-variant engine over 1-variant engine, fed the same prompts.
+    """Median paired step-time ratio, an engine serving num_variants variants over one serving the first, fed the same prompts.
 
-    Both engines get a new request every `decode_steps` steps (so about output_tokens / decode_steps
-    sequences run) and step in turn, one step each, so the machine's drift touches both alike. Returns
-    the ratio of the steps that hold a prefill and of the decode-only steps.
+    Both engines get a new request every 8 steps (so about output_tokens / 8 sequences run) and step in
+    turn, one step each, so the machine's drift touches both alike. Returns the median ratio of the
+    steps that hold a prefill and of the decode-only steps, after the first quarter of the arrivals.
     """
     multi, single = Engine(store, config), Engine(store, config)
     try:

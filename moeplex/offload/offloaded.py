@@ -231,8 +231,8 @@ class OffloadedExperts:
     def after_layer(self, layer: int, residual: torch.Tensor) -> None:
         """Layer `layer` has run: re-predict the next layer from the residual [T, H] entering it and prefetch for it.
 
-        The reuse estimates of the eviction policy stay those of the layer's forecast (recomputing them
-        for every layer twice cost more than the revision gained).
+        Only the prefetch queue is re-planned: the trace-aware policy computes its reuse rates lazily from
+        the same outlook's need table, so it sees the revision without computing them again.
         """
         outlook = self.forecaster.revise(layer, residual) if self.forecaster is not None else None  # None unless layer predicted
         if outlook is not None and self.pooled.needs_forecasts and self.prefetcher is not None:
