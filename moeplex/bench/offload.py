@@ -76,19 +76,11 @@ def decode_tokens_per_s(model: MoEModel, prompt: list[int], new_tokens: int) -> 
 def bench_store() -> Path:
     """An identity store of the bench demo family's base (built, once, if missing)."""
     from moeplex.consolidate.family_spec import FamilySpec
-    from moeplex.consolidate.plan import identity_plan
     from moeplex.demo import build_demo_family
-    from moeplex.model.weights import open_checkpoint
-    from moeplex.store.writer import write_store
+    from moeplex.store.writer import identity_store
 
     demo = build_demo_family(size="bench")
-    out = demo.root / "offload-bench-store"
-    if not (out / "manifest.json").is_file():
-        spec = open_checkpoint(demo.base)[2]
-        sparse = tuple(layer for layer, is_sparse in enumerate(spec.sparse_layers) if is_sparse)
-        family = FamilySpec("bench-offload", base=None, variants={"base": demo.base})
-        write_store(family, identity_plan(("base",), spec.num_layers, spec.num_experts, sparse), out)
-    return out
+    return identity_store(FamilySpec("bench-offload", base=None, variants={"base": demo.base}), demo.root / "offload-bench-store")
 
 
 def drop_page_cache(store: Path) -> None:

@@ -23,17 +23,11 @@ def demo_store(budget: str = DEMO_STORE_BUDGET) -> Path:
 def identity_store() -> Path:
     """The tiny demo family's identity store: every checkpoint's experts, byte-identical ones once; built if missing."""
     from moeplex.consolidate.family_spec import load_family_spec
-    from moeplex.consolidate.plan import identity_plan
     from moeplex.demo import build_demo_family
-    from moeplex.model.weights import open_checkpoint
-    from moeplex.store.writer import write_store
+    from moeplex.store.writer import identity_store as write_identity_store
 
     demo = build_demo_family()
     out = demo.root / "serve-bench-store"
     if not (out / "manifest.json").is_file():
-        family = load_family_spec(demo.spec_file)
-        spec = open_checkpoint(family.base)[2]
-        sparse = tuple(layer for layer, is_sparse in enumerate(spec.sparse_layers) if is_sparse)
         print(f"writing the demo family's identity store to {out}", flush=True)
-        write_store(family, identity_plan(tuple(family.checkpoints()), spec.num_layers, spec.num_experts, sparse), out)
-    return out
+    return write_identity_store(load_family_spec(demo.spec_file), out)

@@ -10,8 +10,9 @@ import torch
 from tqdm import tqdm
 
 from moeplex.consolidate.family_spec import BASE, VARIANT_NAME, FamilySpec, OpenCheckpoint, open_family
-from moeplex.consolidate.plan import ConsolidationPlan
+from moeplex.consolidate.plan import ConsolidationPlan, identity_plan
 from moeplex.families.base import read_backbone_tensor
+from moeplex.model.weights import open_checkpoint
 from moeplex.store.atomic import staged_folder
 from moeplex.store.checksums import checkpoint_fingerprint, safetensors_bytes, sha256_bytes, sha256_file
 from moeplex.store.errors import StoreError
@@ -72,6 +73,16 @@ def write_store(
         )
         manifest.bytes = _byte_counts(manifest)
         (staging / MANIFEST).write_text(manifest_text(manifest))
+    return out
+
+
+def identity_store(family: FamilySpec, out: str | Path, progress: bool = True) -> Path:
+    """The family's checkpoints as a store with no sharing (byte-identical experts once); written unless one is at `out`."""
+    out = Path(out)
+    if not (out / MANIFEST).is_file():
+        spec = open_checkpoint(next(iter(family.checkpoints().values())))[2]
+        sparse = tuple(layer for layer, is_sparse in enumerate(spec.sparse_layers) if is_sparse)
+        write_store(family, identity_plan(tuple(family.checkpoints()), spec.num_layers, spec.num_experts, sparse), out, progress=progress)
     return out
 
 

@@ -6,26 +6,14 @@ from pathlib import Path
 
 from moeplex.consolidate.family_spec import FamilySpec
 from moeplex.store import StoreReader
+from moeplex.store.writer import identity_store
 
 MIB = 2**20
 
 
-def identity_store(family: FamilySpec, out: Path) -> Path:
-    """The family's checkpoints as a store with no sharing (byte-identical experts once), written once and reused."""
-    from moeplex.consolidate.plan import identity_plan
-    from moeplex.model.weights import open_checkpoint
-    from moeplex.store.writer import write_store
-
-    if not (out / "manifest.json").is_file():
-        spec = open_checkpoint(next(iter(family.checkpoints().values())))[2]
-        sparse = tuple(layer for layer, is_sparse in enumerate(spec.sparse_layers) if is_sparse)
-        write_store(family, identity_plan(tuple(family.checkpoints()), spec.num_layers, spec.num_experts, sparse), out, progress=False)
-    return out
-
-
 def single_variant_stores(checkpoints: dict[str, Path], root: Path) -> dict[str, Path]:
     """One store per variant holding only that variant (what a static partition or one model serves)."""
-    return {name: identity_store(FamilySpec(f"single-{name}", base=None, variants={name: folder}), root / f"single-store-{name}") for name, folder in checkpoints.items()}
+    return {name: identity_store(FamilySpec(f"single-{name}", base=None, variants={name: folder}), root / f"single-store-{name}", progress=False) for name, folder in checkpoints.items()}
 
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
