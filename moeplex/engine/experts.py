@@ -142,9 +142,7 @@ class OffloadedStepExperts:
             outlook = self.forecasters[variant].revise(layer, residual) if variant in self.forecasters else None
             if outlook is not None:
                 forecasts.append(Forecast(self.tables[variant], self.positions[variant], outlook))
-        prefetcher = self.pooled.prefetcher
-        if forecasts and prefetcher is not None and self.pooled.needs_forecasts:
-            prefetcher.submit(self.pooled.prefetch_requests(forecasts))
+        self.pooled.resubmit(forecasts)
 
     @property
     def device_budget(self) -> int:

@@ -85,12 +85,13 @@ class GroupedExpertDoor:
 
     def __init__(self, experts: StepExperts, groups: list[VariantGroup], sizes: list[int]):
         self.experts, self.groups, self.sizes = experts, groups, sizes
-        if hasattr(experts, "after_layer"):  # a door that prefetches hears each layer's output
-            self.after_layer = self._after_layer
 
     def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         parts = zip(self.groups, *(torch.split(t, self.sizes) for t in (x, expert_ids, routing_weights)))
         return self.experts(layer, [RoutedTokens(g.variant, h, ids, w) for g, h, ids, w in parts])
 
-    def _after_layer(self, layer: int, residual: torch.Tensor) -> None:
-        self.experts.after_layer(layer, {g.variant: h for g, h in zip(self.groups, torch.split(residual, self.sizes))})
+    def after_layer(self, layer: int, residual: torch.Tensor) -> None:
+        """Hand each group's rows of the layer's output to a door that prefetches (one with `after_layer`)."""
+        after_layer = getattr(self.experts, "after_layer", None)
+        if after_layer is not None:
+            after_layer(layer, {g.variant: h for g, h in zip(self.groups, torch.split(residual, self.sizes))})

@@ -120,6 +120,11 @@ class PooledExperts:
         resident = self.pool.resident_keys()
         return [PrefetchRequest(key, 1.0 - absent, distance) for key, (absent, distance) in missing.items() if key not in resident]
 
+    def resubmit(self, forecasts: list[Forecast]) -> None:
+        """Replace the prefetch queue with what revised forecasts call for (nothing while the budget holds every expert)."""
+        if forecasts and self.prefetcher is not None and self.needs_forecasts:
+            self.prefetcher.submit(self.prefetch_requests(forecasts))
+
     def run(
         self, hidden: torch.Tensor, expert_ids: torch.Tensor, routing_weights: torch.Tensor, keys: Sequence[Hashable], prefetch: list[PrefetchRequest]
     ) -> torch.Tensor:
@@ -235,8 +240,8 @@ class OffloadedExperts:
         the same outlook's need table, so it sees the revision without computing them again.
         """
         outlook = self.forecaster.revise(layer, residual) if self.forecaster is not None else None  # None unless layer predicted
-        if outlook is not None and self.pooled.needs_forecasts and self.prefetcher is not None:
-            self.prefetcher.submit(self.pooled.prefetch_requests([Forecast(self.table, self.positions, outlook)]))
+        if outlook is not None:
+            self.pooled.resubmit([Forecast(self.table, self.positions, outlook)])
 
     @contextmanager
     def request(self, variant: str) -> Iterator[None]:
