@@ -12,7 +12,13 @@ from pathlib import Path
 
 import torch
 
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "I8": torch.int8,  # quantized copies (moeplex.quant.store_copies)
+    "U8": torch.uint8,
+}
 
 
 ALIGNMENT = 64  # bytes; GEMV kernels run about 30% slower on weights that are only 8-byte aligned

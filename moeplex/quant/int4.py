@@ -35,9 +35,19 @@ class Int4Weight:
     def nbytes(self) -> int:
         return self.packed.nbytes + self.scales_and_zeros.nbytes
 
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> Int4Weight:
+        """From unpacked values q [N, K] (0..15) and scales_and_zeros [K/group_size, N, 2], packed for q's device."""
+        return cls(int4_pack(q), scales_and_zeros, group_size, q.shape[1])
+
 
 def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> Int4Weight:
     """weight [N, K] (any float dtype) -> Int4Weight; each group's [min, max] maps onto 16 levels."""
+    return Int4Weight.from_codes(*int4_codes(weight, group_size), group_size)
+
+
+def int4_codes(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (q [N, K] int32 in 0..15, scales_and_zeros [K/group_size, N, 2] bf16), before any packing."""
     rows, in_features = weight.shape
     if group_size not in GROUP_SIZES:
         raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, not {group_size}")
@@ -50,4 +60,4 @@ def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) ->
     q = torch.round((groups - zeros.float()[..., None]) / scales.float()[..., None]) + INT4_OFFSET
     q = q.clamp(0, INT4_LEVELS).to(torch.int32).reshape(rows, in_features)  # [N, K]
     scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # [G, N, 2]
-    return Int4Weight(int4_pack(q), scales_and_zeros, group_size, in_features)
+    return q, scales_and_zeros

@@ -9,15 +9,14 @@ from moeplex.store.errors import StoreError
 from moeplex.store.manifest import BlobEntry
 
 
-def blob_problem(root: Path, what: str, entry: BlobEntry) -> str | None:
-    """Why the file behind `entry` is not what the manifest says (missing, wrong size, bad checksum), or None."""
+def blob_problem(root: Path, what: str, entry: BlobEntry, listed_in: str = "the manifest") -> str | None:
+    """Why the file behind `entry` is not what its listing says (missing, wrong size, bad checksum), or None."""
     path = root / entry.file
     if not path.is_file():
         return f"{what}: file {path} is missing"
-    size = path.stat().st_size
-    if size != entry.bytes:
-        return f"{what}: file {path} has {size} bytes, the manifest says {entry.bytes} (truncated or replaced)"
-    return _checksum_problem(what, path, entry, sha256_file(path))
+    return _size_problem(what, path, entry, path.stat().st_size, listed_in) or _checksum_problem(
+        what, path, entry, sha256_file(path), listed_in
+    )
 
 
 def check_blob(root: Path, what: str, entry: BlobEntry) -> Path:
@@ -28,20 +27,28 @@ def check_blob(root: Path, what: str, entry: BlobEntry) -> Path:
     return root / entry.file
 
 
-def read_checked(root: Path, what: str, entry: BlobEntry) -> bytes:
+def read_checked(root: Path, what: str, entry: BlobEntry, listed_in: str = "the manifest") -> bytes:
     """The blob's bytes, read once and checked against its size and sha256; StoreError otherwise."""
     path = root / entry.file
     try:
         data = path.read_bytes()
     except FileNotFoundError as exc:
         raise StoreError(f"{what}: file {path} is missing") from exc
-    problem = _checksum_problem(what, path, entry, sha256_bytes(data))
+    problem = _size_problem(what, path, entry, len(data), listed_in) or _checksum_problem(
+        what, path, entry, sha256_bytes(data), listed_in
+    )
     if problem:
         raise StoreError(problem)
     return data
 
 
-def _checksum_problem(what: str, path: Path, entry: BlobEntry, digest: str) -> str | None:
+def _size_problem(what: str, path: Path, entry: BlobEntry, size: int, listed_in: str) -> str | None:
+    if size != entry.bytes:
+        return f"{what}: file {path} has {size} bytes, {listed_in} says {entry.bytes} (truncated or replaced)"
+    return None
+
+
+def _checksum_problem(what: str, path: Path, entry: BlobEntry, digest: str, listed_in: str) -> str | None:
     if digest != entry.sha256:
-        return f"{what}: file {path} is corrupt (sha256 {digest[:12]}..., the manifest says {entry.sha256[:12]}...)"
+        return f"{what}: file {path} is corrupt (sha256 {digest[:12]}..., {listed_in} says {entry.sha256[:12]}...)"
     return None

@@ -7,6 +7,8 @@ EXPERTS = "experts"
 BACKBONES = "backbones"
 CONFIGS = "configs"
 TOKENIZER = "tokenizer"
+QUANTIZED = "quantized"  # quantized copies of experts, outside the manifest (moeplex.store.copy_index)
+QUANTIZED_INDEX = f"{QUANTIZED}/index.json"
 
 # Files of a checkpoint folder that describe a variant rather than hold weights; copied per variant.
 VARIANT_FILES = ("config.json", "generation_config.json")
@@ -39,3 +41,7 @@ def variant_file(variant: str, name: str) -> str:
 
 def tokenizer_file(name: str) -> str:
     return f"{TOKENIZER}/{name}"
+
+
+def quantized_file(copy_format: str, expert_id: str) -> str:
+    return f"{QUANTIZED}/{copy_format}/{expert_id}.safetensors"

@@ -1,12 +1,13 @@
-"""Check a store end to end: manifest schema, every blob's size and checksum, every expert reference."""
+"""Check a store end to end: manifest schema, every blob's size and checksum, every expert reference, quantized copies."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from moeplex.store.blobs import blob_problem
+from moeplex.store.copy_index import read_copy_index
 from moeplex.store.errors import StoreError
-from moeplex.store.layout import EXPERTS, expert_file
+from moeplex.store.layout import EXPERTS, QUANTIZED, QUANTIZED_INDEX, expert_file
 from moeplex.store.manifest import Manifest, read_manifest
 
 
@@ -24,7 +25,8 @@ def verify_store(path: str | Path) -> list[str]:
     problems += _misnamed_experts(manifest)
     problems += _table_problems(manifest)
     problems += _unreferenced_experts(manifest)
-    problems += _unlisted_expert_files(root, manifest)
+    problems += _unlisted_files(root, EXPERTS, {entry.file for entry in manifest.experts.values()}, "the manifest")
+    problems += _quantized_copy_problems(root, manifest)
     return problems
 
 
@@ -68,7 +70,29 @@ def _unreferenced_experts(manifest: Manifest) -> list[str]:
     return [f"expert {expert_id}: stored but no variant's table uses it" for expert_id in unused]
 
 
-def _unlisted_expert_files(root: Path, manifest: Manifest) -> list[str]:
-    listed = {entry.file for entry in manifest.experts.values()}
-    present = {f"{EXPERTS}/{path.name}" for path in (root / EXPERTS).glob("*")} if (root / EXPERTS).is_dir() else set()
-    return [f"{root / name}: file in the store that the manifest does not list" for name in sorted(present - listed)]
+def _quantized_copy_problems(root: Path, manifest: Manifest) -> list[str]:
+    """The index of quantized copies parses; every copy it lists is intact and of a stored expert; nothing unlisted."""
+    try:
+        index = read_copy_index(root)
+    except StoreError as exc:
+        return [str(exc)]
+    listed_in = QUANTIZED_INDEX
+    copies = [
+        (f"{fmt} copy of expert {expert_id}", expert_id, entry)
+        for fmt, entries in index.items()
+        for expert_id, entry in entries.items()
+    ]
+    problems = [problem for what, _, entry in copies if (problem := blob_problem(root, what, entry, listed_in))]
+    problems += [
+        f"{what}: {listed_in} lists it, but the manifest has no such expert"
+        for what, expert_id, _ in copies
+        if expert_id not in manifest.experts
+    ]
+    listed = {QUANTIZED_INDEX} | {entry.file for _, _, entry in copies}
+    return problems + _unlisted_files(root, QUANTIZED, listed, listed_in)
+
+
+def _unlisted_files(root: Path, folder: str, listed: set[str], listed_in: str) -> list[str]:
+    """Files under `folder` that `listed_in` does not list (left over from a killed write, or put there by hand)."""
+    present = {path.relative_to(root).as_posix() for path in (root / folder).rglob("*") if path.is_file()}
+    return [f"{root / name}: file in the store that {listed_in} does not list" for name in sorted(present - listed)]
