@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import random
+import shutil
+
 import pytest
 import torch
 
 from moeplex.engine import Engine, EngineConfig
 from moeplex.errors import ExpertReadError
 from moeplex.offload.config import OffloadConfig
+from moeplex.planner.placement import Placement, write_placement
+from moeplex.quant.formats import PRECISIONS
+from moeplex.quant.store_copies import write_quantized_copies
 from moeplex.store import StoreReader
 from tests import test_engine
 from tests.test_engine import GREEDY, make_requests, run_engine
@@ -213,3 +219,35 @@ def test_changing_the_budget_between_steps_keeps_every_sequence_and_its_tokens(s
     resident = Engine(store, EngineConfig(dtype=torch.float32))
     with pytest.raises(ValueError, match="every expert is resident"):
         resident.set_expert_budget(expert_bytes(store))
+
+
+@pytest.mark.parametrize("with_copies", [False, True], ids=["quantized-on-read", "stored-copies"])
+def test_offloaded_experts_run_in_the_placements_precisions(store, tmp_path, with_copies):
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    expert_ids = sorted(StoreReader(copy).manifest.referenced_expert_ids())
+    rng = random.Random(7)
+    precision_of = {expert_id: rng.choice(PRECISIONS) for expert_id in expert_ids}
+    write_placement(copy, Placement(precision_of, group_size=32))
+    if with_copies:
+        assert write_quantized_copies(copy, precision_of, group_size=32, progress=False) > 0
+    requests = make_requests(copy)
+    bf16 = dict(dtype=torch.bfloat16, max_num_batched_tokens=24, max_num_seqs=8)
+    expected = run_engine(Engine(copy, EngineConfig(**bf16)), requests)  # resident, in the placement's precisions
+    one_bf16_expert = StoreReader(copy).spec("base").expert_numel * 2
+    engine = Engine(copy, EngineConfig(**bf16, expert_budget_bytes=2 * one_bf16_expert, offload=SETTINGS["lru"]))
+    source = engine.offloaded.source
+    copies_read = []
+    if with_copies:
+        read = source.copies.read
+        source.copies.read = lambda key, *args, **kwargs: copies_read.append(key) or read(key, *args, **kwargs)
+    try:
+        assert run_engine(engine, requests) == expected
+        sizes = {p: {source.expert_nbytes(i) for i, q in precision_of.items() if q == p} for p in PRECISIONS}
+        assert all(len(s) == 1 for s in sizes.values())  # one size per precision
+        assert max(sizes["int4"]) < max(sizes["int8"]) < max(sizes["bf16"])
+        assert engine.stats().offload.misses > 0
+        quantized_reads = [key for key in copies_read if precision_of[key] != "bf16"]
+        assert bool(quantized_reads) == with_copies and len(quantized_reads) == len(copies_read)
+    finally:
+        engine.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -30,7 +31,9 @@ from moeplex.planner.placement import (
     write_placement,
 )
 from moeplex.quant.experts import QuantizedExperts
+from moeplex.quant.store_copies import QuantizedCopies
 from moeplex.store.errors import StoreError
+from moeplex.store.layout import QUANTIZED
 from tests.test_engine_store import build_serving_store
 
 
@@ -112,9 +115,9 @@ def test_grid_splits_every_expert_and_spans_all_bf16_to_all_int4(experts, steps)
     assert Configuration(0, 0, experts) in grid and Configuration(experts, 0, 0) in grid and Configuration(0, experts, 0) in grid
 
 
-def test_resident_bytes_count_each_precision():
+def test_expert_bytes_count_each_precision():
     config = Configuration(3, 2, 5)
-    assert config.resident_bytes({"int4": 10, "int8": 20, "bf16": 40}, backbone_bytes=7) == 7 + 30 + 40 + 200
+    assert config.expert_bytes({"int4": 10, "int8": 20, "bf16": 40}) == 30 + 40 + 200
 
 
 # ---- placement file and cache ------------------------------------------------------------------------------
@@ -151,7 +154,8 @@ def test_cache_reuses_measurements_of_the_same_context_only(tmp_path):
 
 # ---- a real (tiny) store -----------------------------------------------------------------------------------
 
-FAST = MeterSettings(new_tokens=3, prompt_tokens=4, repeats=1, calibration_tokens_per_domain=32, group_size=32, threads=1)
+FAST = MeterSettings(new_tokens=3, prompt_tokens=4, repeats=1, calibration_tokens_per_domain=32, heldout_tokens_per_domain=32,
+                     group_size=32, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -208,22 +212,45 @@ def test_engine_names_a_placement_with_unknown_experts(store):
 
 def test_plan_writes_a_placement_and_reuses_measurements(store, tmp_path, monkeypatch):
     timed = []
-    original = StoreMeter.decode_tokens_per_s
-    monkeypatch.setattr(StoreMeter, "decode_tokens_per_s", lambda self: timed.append(1) or original(self))
+    original = StoreMeter.time_runs
+    monkeypatch.setattr(StoreMeter, "time_runs", lambda self: timed.append(self.timed_models is self.models) or original(self))
     try:
         first = plan_command.run_plan(store, "1x", Constraints(), tmp_path / "frontier.png", steps=1, settings=FAST)
-        assert len(timed) == 3 and (tmp_path / "frontier.png").stat().st_size > 1000
+        assert timed == [True] * 3 and (tmp_path / "frontier.png").stat().st_size > 1000  # one round, all resident
         placement = read_placement(store)
         assert placement.configuration == first.chosen.config.to_json()
         assert sum(p == "int4" for p in placement.precision.values()) == first.chosen.config.int4
         second = plan_command.run_plan(store, "1x", Constraints(), None, steps=1, settings=FAST)
         assert len(timed) == 3  # every measurement came from the store's cache
         assert [p.to_json() for p in second.points] == [p.to_json() for p in first.points]
-        tight = plan_command.run_plan(store, "0.6x", Constraints(), None, steps=1, settings=FAST)
-        assert tight.skipped >= 1 and all(p.resident_bytes <= tight.budget_bytes for p in tight.points)
     finally:
         for name in (PLACEMENT_FILE, CACHE_FILE):
             (store / name).unlink(missing_ok=True)
+
+
+def test_plan_measures_what_does_not_fit_offloaded_or_leaves_it_out(store, monkeypatch):
+    offloaded = []
+    original = StoreMeter.time_runs
+    monkeypatch.setattr(StoreMeter, "time_runs", lambda self: offloaded.append(self.timed_models is not self.models) or original(self))
+    meter = StoreMeter(store, FAST)
+    bf16_experts = len(meter.expert_ids) * meter.bytes_per_expert()["bf16"]
+    device_memory = str(meter.backbone_bytes() + int(0.4 * bf16_experts))  # all int4 fits (~30%), all int8 (~50%) does not
+    try:
+        tight = plan_command.run_plan(store, device_memory, Constraints(), None, steps=1, settings=FAST)
+        assert tight.skipped == 0 and len(tight.points) == 3 and offloaded == [True, True, False]  # bf16, int8, int4
+        fraction = {(p.config.int4, p.config.int8): p.resident_fraction for p in tight.points}
+        assert fraction[0, 0] < fraction[0, len(meter.expert_ids)] < 1 == fraction[len(meter.expert_ids), 0]
+        assert all(p.resident_bytes <= tight.budget_bytes for p in tight.points)
+        copies = QuantizedCopies.load(store)  # the offloaded int8 configuration fetched its experts from the store's copies
+        assert all(copies.has(i, "int8", FAST.group_size) and not copies.has(i, "int4", FAST.group_size) for i in meter.expert_ids)
+        resident = plan_command.run_plan(store, device_memory, Constraints(), None, steps=1, settings=FAST, resident_only=True)
+        assert resident.skipped == 2 and [p.config.int4 for p in resident.points] == [len(meter.expert_ids)]
+        with pytest.raises(plan_command.MoeplexError, match="less than one bf16 expert"):
+            plan_command.run_plan(store, "1KB", Constraints(), None, steps=1, settings=FAST)
+    finally:
+        for name in (PLACEMENT_FILE, CACHE_FILE):
+            (store / name).unlink(missing_ok=True)
+        shutil.rmtree(store / QUANTIZED, ignore_errors=True)
 
 
 # ---- command line ------------------------------------------------------------------------------------------

@@ -10,11 +10,13 @@ from moeplex.model.attention import SequenceChunk
 from moeplex.model.experts import DenseExperts
 from moeplex.model.runtime import load_model
 from moeplex.quant.apply import quantize_bank_experts, quantize_model_experts
-from moeplex.quant.experts import QuantizedExperts
+from moeplex.quant.experts import QuantizedExperts, quantize_expert
+from moeplex.quant.formats import PRECISIONS
 from moeplex.quant.int4 import quantize_int4
 from moeplex.quant.int8 import quantize_int8
 from moeplex.quant.output_error import expert_output_errors
 from moeplex.quant.policies import LeastErrorFirst, LeastRoutedFirst, RandomSelection
+from moeplex.quant.sizes import expert_nbytes
 from moeplex.store.experts import ExpertBank, StoreExperts
 from tests.conftest import saved_random_model
 
@@ -250,3 +252,22 @@ def test_policies_name_positions_they_know_nothing_about():
         LeastRoutedFirst({(0, 0): 0.5}).choose([(0, 0), (0, 1)], {"int4": 1})
     with pytest.raises(ValueError, match="no measured int8 error"):
         LeastErrorFirst({(0, 0): {"int4": 0.1}}, {(0, 0): 0.5}).choose([(0, 0)], {"int8": 1})
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_expert_bytes_from_the_shape_match_a_quantized_expert(precision, group_size):
+    hidden, inter = 128, 256
+    gate_up, down = torch.randn(2 * inter, hidden, dtype=torch.bfloat16), torch.randn(hidden, inter, dtype=torch.bfloat16)
+    assert expert_nbytes(hidden, inter, precision, group_size) == quantize_expert(gate_up, down, precision, group_size).nbytes
+
+
+def test_a_quantized_expert_moves_within_its_device_kind_only():
+    gate_up, down = torch.randn(128, 64, dtype=torch.bfloat16), torch.randn(64, 64, dtype=torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    for precision in PRECISIONS:
+        expert = quantize_expert(gate_up, down, precision, 32)
+        moved = expert.to("cpu")
+        assert moved.device.type == "cpu" and moved.nbytes == expert.nbytes and torch.equal(moved(x), expert(x))
+    with pytest.raises(ValueError, match="int4 expert packed for cpu cannot move to meta"):
+        quantize_expert(gate_up, down, "int4", 32).to("meta")

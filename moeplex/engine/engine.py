@@ -28,7 +28,9 @@ from moeplex.model.kv_cache import SequenceKVCache
 from moeplex.model.sampling import SamplingParams, sample_token
 from moeplex.model.stopping import append_token
 from moeplex.offload.pool import ExpertUnavailableError, PoolStats
-from moeplex.planner.placement import apply_placement
+from moeplex.offload.sources import StoreExpertSource
+from moeplex.planner.placement import apply_placement, read_placement_for
+from moeplex.quant.formats import DEFAULT_GROUP_SIZE
 from moeplex.store.experts import bank_order
 from moeplex.store.layout import TOKENIZER
 from moeplex.store.reader import StoreReader
@@ -105,14 +107,20 @@ class Engine:
         self.num_failed = 0
 
     def _make_experts(self, reader: StoreReader) -> StepExperts:
-        """Every expert resident in one bank, or (with an expert budget) served from one pool over the store."""
+        """Every expert resident in one bank, or (with an expert budget) served from one pool over the store.
+
+        Either way each expert is in the precision the store's placement gives it (when used).
+        """
         config = self.config
         tables = {variant: reader.expert_table(variant) for variant in self.variants}
         offload = config.offload_config
-        if offload is not None:
-            self.offloaded = OffloadedStepExperts(reader.path, reader.manifest, self.spec, tables, offload, config.dtype, config.device)
-            return self.offloaded
         used = bank_order(list(tables.values()))
+        if offload is not None:
+            self.placement = read_placement_for(reader.path, used) if config.use_placement else None
+            precision_of, group_size = (self.placement.precision, self.placement.group_size) if self.placement else ({}, DEFAULT_GROUP_SIZE)
+            source = StoreExpertSource(reader.path, reader.manifest, self.spec, config.dtype, precision_of, group_size)
+            self.offloaded = OffloadedStepExperts(source, self.spec, tables, offload, config.device)
+            return self.offloaded
         bank = reader.load_expert_bank(used, self.spec, config.dtype, config.device)
         self.placement = apply_placement(reader.path, bank) if config.use_placement else None
         return BankStepExperts(bank, tables, config.device)

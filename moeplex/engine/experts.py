@@ -9,7 +9,6 @@ a device budget, with per-variant tracing and prediction whose prefetch requests
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -25,7 +24,7 @@ from moeplex.offload.pool import PoolStats
 from moeplex.offload.prefetcher import Prefetcher
 from moeplex.offload.sources import StoreExpertSource
 from moeplex.store.experts import BANK_LAYER, ExpertBank
-from moeplex.store.manifest import ExpertTable, Manifest
+from moeplex.store.manifest import ExpertTable
 
 ExpertRows = list[torch.Tensor | None]  # per layer, the row (into one list of stored experts) of each expert index [E]
 
@@ -87,18 +86,17 @@ class OffloadedStepExperts:
     `PooledExperts` (chunks that fit the budget).
     """
 
-    def __init__(self, store: Path, manifest: Manifest, spec: ModelSpec, tables: dict[str, ExpertTable], config: OffloadConfig, dtype: torch.dtype, device):
-        self.spec, self.tables, self.config = spec, tables, config
+    def __init__(self, source: StoreExpertSource, spec: ModelSpec, tables: dict[str, ExpertTable], config: OffloadConfig, device):
+        self.spec, self.tables, self.config, self.source = spec, tables, config, source
         self.keys = list(dict.fromkeys(i for table in tables.values() for ids in table if ids for i in ids))
         row_of = {key: row for row, key in enumerate(self.keys)}
         self.rows = {variant: expert_rows(table, row_of, device) for variant, table in tables.items()}
         self.positions = {variant: key_positions(table) for variant, table in tables.items()}
-        self.source = StoreExpertSource(store, manifest, spec, dtype)
-        self.disk_bytes = sum(manifest.experts[key].bytes for key in self.keys)
-        pool = make_pool(self.source, config, device)
-        host_execution = make_host_execution(config.host_execution, device, dtype, config.host_budget)
+        self.disk_bytes = sum(source.manifest.experts[key].bytes for key in self.keys)
+        pool = make_pool(source, config, device)
+        host_execution = make_host_execution(config.host_execution, device, source.dtype, config.host_budget)
         self.pooled = PooledExperts(pool, self.keys, Prefetcher(pool) if config.prefetch else None, config.min_probability, host_execution)
-        self.library = load_store_library(store, spec, config) if config.prediction != "none" else None
+        self.library = load_store_library(source.root, spec, config) if config.prediction != "none" else None
         self.forecasters: dict[str, ExpertForecaster] = {}
         self.tracing: set[str] = set()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -24,7 +25,9 @@ from moeplex.offload.sources import (
     StoreExpertSource,
 )
 from moeplex.offload.tracing import TRACES_FOLDER, ActivationTracer, TraceLibrary
+from moeplex.quant.formats import DEFAULT_GROUP_SIZE
 from moeplex.store.layout import MANIFEST
+from moeplex.store.manifest import Manifest
 from moeplex.store.reader import StoreReader
 
 
@@ -103,3 +106,30 @@ def load_offloaded_model(
         source = CheckpointExpertSource(family, checkpoint, spec, dtype)
     experts = build_offloaded_experts(spec, backbone, table, source, config, library, scorer, device)
     return MoEModel(spec, backbone, experts, dtype, device)
+
+
+def offload_variant_models(
+    store: Path,
+    manifest: Manifest,
+    models: Mapping[str, MoEModel],
+    config: OffloadConfig,
+    precision_of: Mapping[str, str] | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
+) -> dict[str, MoEModel]:
+    """The variants' models (backbones shared with `models`) with their experts behind one pool over the store.
+
+    A stored expert is resident at most once, in its precision (precision_of: expert id -> bf16 | int8 | int4);
+    the variants share one prefetcher and the store's trace library, and each predicts with its own routers.
+    Close every model's experts when done (closing the shared prefetcher twice is harmless).
+    """
+    first = next(iter(models.values()))
+    source = StoreExpertSource(store, manifest, first.spec, first.dtype, precision_of, group_size)
+    pool = make_pool(source, config, first.device)
+    prefetcher = Prefetcher(pool) if config.prefetch else None
+    library = load_store_library(store, first.spec, config) if config.prediction != "none" else None
+    offloaded = {}
+    for variant, model in models.items():
+        forecaster = make_forecaster(model.spec, model.backbone, config, library) if library is not None else None
+        experts = OffloadedExperts(manifest.expert_tables[variant], pool, forecaster, prefetcher, config.min_probability)
+        offloaded[variant] = MoEModel(model.spec, model.backbone, experts, model.dtype, model.device)
+    return offloaded

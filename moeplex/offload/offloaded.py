@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 
 from moeplex.model.experts import group_tokens_by_expert
-from moeplex.model.ops import swiglu_mlp
 from moeplex.offload.forecast import ExpertForecaster, Outlook
 from moeplex.offload.host_execution import HostExecutionPolicy, NeverOnHost
 from moeplex.offload.policies import TraceAwarePolicy
@@ -146,7 +145,7 @@ class PooledExperts:
             if index == 0 and self.prefetcher is not None:
                 self.prefetcher.submit(prefetch)
             for (_, rows, slots), weights in zip(chunk, resident):
-                add_weighted(out, rows, swiglu_mlp(hidden[rows], weights.gate_up, weights.down), flat_weights[slots])
+                add_weighted(out, rows, weights(hidden[rows]), flat_weights[slots])
         return out
 
     def close(self) -> None:
@@ -166,8 +165,7 @@ class PooledExperts:
             if weights is None:
                 rest.append((expert, rows, slots))
                 continue
-            x = hidden[rows].to(weights.gate_up.device, weights.gate_up.dtype)
-            add_weighted(out, rows, swiglu_mlp(x, weights.gate_up, weights.down).to(out.device), flat_weights[slots])
+            add_weighted(out, rows, weights(hidden[rows].to(weights.device)).to(out.device), flat_weights[slots])
         return rest
 
     def _chunks(self, keys: Sequence[Hashable], groups: list) -> list[list]:

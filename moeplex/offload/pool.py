@@ -19,7 +19,7 @@ import torch
 
 from moeplex.errors import ExpertReadError, MoeplexError
 from moeplex.offload.policies import EvictionPolicy
-from moeplex.offload.sources import ExpertSource, ExpertWeights
+from moeplex.offload.sources import ExpertSource, PoolExpert
 
 
 @dataclass
@@ -68,27 +68,27 @@ class HostTier:
 
     def __init__(self, budget: int):
         self.budget, self.used = budget, 0
-        self._experts: OrderedDict[Hashable, ExpertWeights] = OrderedDict()
+        self._experts: OrderedDict[Hashable, PoolExpert] = OrderedDict()
 
-    def put(self, key: Hashable, weights: ExpertWeights) -> None:
+    def put(self, key: Hashable, weights: PoolExpert) -> None:
         if weights.nbytes > self.budget:
             return
         while self.used + weights.nbytes > self.budget:
             self.used -= self._experts.popitem(last=False)[1].nbytes
-        host = weights.to("cpu", weights.gate_up.dtype)
+        host = weights.to("cpu")
         if torch.cuda.is_available():
-            host = ExpertWeights(host.gate_up.pin_memory(), host.down.pin_memory())
+            host = host.pin_memory()
         self._experts[key] = host
         self.used += host.nbytes
 
-    def peek(self, key: Hashable) -> ExpertWeights | None:
+    def peek(self, key: Hashable) -> PoolExpert | None:
         """The host copy of key, left in the tier (None when it holds none)."""
         weights = self._experts.get(key)
         if weights is not None:
             self._experts.move_to_end(key)
         return weights
 
-    def take(self, key: Hashable) -> ExpertWeights | None:
+    def take(self, key: Hashable) -> PoolExpert | None:
         weights = self._experts.pop(key, None)
         if weights is not None:
             self.used -= weights.nbytes
@@ -106,13 +106,13 @@ class ExpertPool:
         self.host = HostTier(host_budget)
         self.stats = PoolStats()
         self._cond = threading.Condition()
-        self._device: dict[Hashable, ExpertWeights] = {}
+        self._device: dict[Hashable, PoolExpert] = {}
         self._loading: set[Hashable] = set()
         self._reserved = 0  # bytes of device experts plus fetches in flight
         self._protected: frozenset = frozenset()
         self._unused_prefetches: set[Hashable] = set()
 
-    def ensure_resident(self, keys: Iterable[Hashable]) -> list[ExpertWeights]:
+    def ensure_resident(self, keys: Iterable[Hashable]) -> list[PoolExpert]:
         """Compute-ready weights of each key, fetching what is missing; the keys stay protected until the next call."""
         keys = list(keys)
         needed = sum(self.source.expert_nbytes(key) for key in keys)
@@ -147,7 +147,7 @@ class ExpertPool:
             self.stats.prefetched_bytes += nbytes
         return True
 
-    def host_copy(self, key: Hashable, tokens: int) -> ExpertWeights | None:
+    def host_copy(self, key: Hashable, tokens: int) -> PoolExpert | None:
         """The host tier's copy of a key that is not on the device, counted as run there for `tokens` rows; else None."""
         with self._cond:
             if key in self._device or key in self._loading:
@@ -183,7 +183,7 @@ class ExpertPool:
             device = sum(weights.nbytes for weights in self._device.values())
             return copy.deepcopy(self.stats), {"device": device, "host": self.host.used}
 
-    def _demand(self, key: Hashable) -> ExpertWeights:
+    def _demand(self, key: Hashable) -> PoolExpert:
         nbytes = self.source.expert_nbytes(key)
         started, waited, from_host = time.perf_counter(), False, None
         with self._cond:
@@ -253,12 +253,12 @@ class ExpertPool:
         self._reserved -= nbytes
         self._cond.notify_all()
 
-    def _install(self, key: Hashable, weights: ExpertWeights) -> None:
+    def _install(self, key: Hashable, weights: PoolExpert) -> None:
         self._loading.discard(key)
         self._device[key] = weights
         self._cond.notify_all()
 
-    def _fetch(self, key: Hashable, from_host: ExpertWeights | None) -> ExpertWeights:
+    def _fetch(self, key: Hashable, from_host: PoolExpert | None) -> PoolExpert:
         """Weights on the device, from the host tier's copy when there is one, else from disk (no lock held)."""
         if from_host is not None:
             weights, tier, nbytes = from_host, "host", from_host.nbytes
@@ -267,4 +267,4 @@ class ExpertPool:
             tier = "disk"
         with self._cond:
             self.stats.bytes_read[tier] += nbytes
-        return weights.to(self.device, weights.gate_up.dtype)
+        return weights.to(self.device)

@@ -1,8 +1,12 @@
-"""Where an offloaded expert's weights come from (the disk tier): a store's expert files or a checkpoint."""
+"""Where an offloaded expert's weights come from (the disk tier): a store's expert files or a checkpoint.
+
+A store source can hand out each expert in the precision its placement gives it (bf16, int8, int4):
+from the store's quantized copy when it has one, else quantized from the bf16 file as it is read.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -13,34 +17,53 @@ from moeplex.checkpoint import CheckpointReader
 from moeplex.errors import ExpertReadError
 from moeplex.families.base import Family
 from moeplex.model.spec import ModelSpec
+from moeplex.model.ops import swiglu_mlp
 from moeplex.offload.disk import read_safetensors_uncached
+from moeplex.quant.experts import QuantizedExpert, quantize_expert
+from moeplex.quant.formats import DEFAULT_GROUP_SIZE, UNQUANTIZED
+from moeplex.quant.sizes import expert_nbytes
+from moeplex.quant.store_copies import COPY_SOURCE_DTYPE, QuantizedCopies
 from moeplex.store.manifest import Manifest
 
 
 @dataclass
 class ExpertWeights:
-    """One routed expert, compute-ready."""
+    """One routed expert in the model's dtype, compute-ready."""
 
     gate_up: torch.Tensor  # [2I, H]
     down: torch.Tensor  # [H, I]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, H] -> [n, H], on the weights' device."""
+        return swiglu_mlp(x.to(self.gate_up.dtype), self.gate_up, self.down)
+
+    @property
+    def device(self) -> torch.device:
+        return self.gate_up.device
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.gate_up, self.down))
 
-    def to(self, device, dtype: torch.dtype) -> ExpertWeights:
+    def to(self, device, dtype: torch.dtype | None = None) -> ExpertWeights:
         return ExpertWeights(self.gate_up.to(device, dtype), self.down.to(device, dtype))
+
+    def pin_memory(self) -> ExpertWeights:
+        return ExpertWeights(self.gate_up.pin_memory(), self.down.pin_memory())
+
+
+PoolExpert = ExpertWeights | QuantizedExpert  # what a pool holds: callable on [n, H], with nbytes, device and to()
 
 
 class ExpertSource(Protocol):
-    dtype: torch.dtype  # of the weights it gives
+    dtype: torch.dtype  # the model's dtype (unquantized experts come in it)
 
     def expert_nbytes(self, key: Hashable) -> int:
-        """Bytes of the expert once resident (in the compute dtype)."""
+        """Bytes of the expert once resident (in the precision the source gives it)."""
         ...
 
-    def read(self, key: Hashable) -> tuple[ExpertWeights, int]:
-        """(weights on CPU in the compute dtype, bytes read from disk); ExpertReadError naming the file."""
+    def read(self, key: Hashable) -> tuple[PoolExpert, int]:
+        """(the expert compute-ready on CPU, bytes read from disk); ExpertReadError naming the file."""
         ...
 
 
@@ -50,22 +73,51 @@ def _shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
 
 
 class StoreExpertSource:
-    """Experts by store id, each read from its own file past the page cache.
+    """Experts by store id, each read from its own file past the page cache, in its precision.
+
+    precision_of: expert id -> bf16 | int8 | int4 (unlisted ids: bf16, the model's dtype). A quantized
+    expert is read from the store's copy in that precision (`moeplex.quant.store_copies`) when there
+    is one and the model is bf16 (copies are quantized from bf16), else from its file and quantized
+    on the way in.
 
     Reads check the file's size against the manifest and the tensors' names, shapes and dtypes
     against the spec; the sha256 of every blob is what `moeplex verify` checks (hashing each fetch
     would cost more CPU than the matmuls it feeds).
     """
 
-    def __init__(self, root: Path, manifest: Manifest, spec: ModelSpec, dtype: torch.dtype):
+    def __init__(
+        self,
+        root: Path,
+        manifest: Manifest,
+        spec: ModelSpec,
+        dtype: torch.dtype,
+        precision_of: Mapping[str, str] | None = None,
+        group_size: int = DEFAULT_GROUP_SIZE,
+    ):
         self.root, self.manifest, self.dtype = Path(root), manifest, dtype
         self.shapes = _shapes(spec)
-        self._nbytes = spec.expert_numel * dtype.itemsize
+        self.precision_of = {key: p for key, p in (precision_of or {}).items() if p != UNQUANTIZED}
+        self.group_size = group_size
+        self.copies = QuantizedCopies.load(self.root) if self.precision_of and dtype == COPY_SOURCE_DTYPE else None
+        hidden, inter = spec.hidden_size, spec.expert_intermediate_size
+        self._nbytes = {
+            precision: expert_nbytes(hidden, inter, precision, group_size, dtype.itemsize)
+            for precision in {UNQUANTIZED, *self.precision_of.values()}
+        }
 
     def expert_nbytes(self, key: str) -> int:
-        return self._nbytes
+        return self._nbytes[self.precision_of.get(key, UNQUANTIZED)]
 
-    def read(self, key: str) -> tuple[ExpertWeights, int]:
+    def read(self, key: str) -> tuple[PoolExpert, int]:
+        precision = self.precision_of.get(key, UNQUANTIZED)
+        if self.copies is not None and precision != UNQUANTIZED and self.copies.has(key, precision, self.group_size):
+            return self.copies.read(key, precision, self.group_size, uncached=True)
+        weights, nbytes = self._read_unquantized(key)
+        if precision == UNQUANTIZED:
+            return weights, nbytes
+        return quantize_expert(weights.gate_up, weights.down, precision, self.group_size), nbytes
+
+    def _read_unquantized(self, key: str) -> tuple[ExpertWeights, int]:
         entry = self.manifest.experts.get(key)
         if entry is None:
             raise ExpertReadError(f"expert {key} is not in the manifest of {self.root}")

@@ -1,4 +1,4 @@
-"""Expert-precision configurations of a store: how many experts in int4, int8 and bf16, and their resident bytes."""
+"""Expert-precision configurations of a store: how many experts in int4, int8 and bf16, and their bytes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from moeplex.quant.formats import UNQUANTIZED
 
 @dataclass(frozen=True)
 class Configuration:
-    """How many of the store's unique experts are held in each precision (all resident)."""
+    """How many of the store's unique experts are held in each precision (how many are resident follows from the budget)."""
 
     int4: int
     int8: int
@@ -32,10 +32,9 @@ class Configuration:
     def from_json(data: Mapping[str, int]) -> Configuration:
         return Configuration(int(data["int4"]), int(data["int8"]), int(data[UNQUANTIZED]))
 
-    def resident_bytes(self, bytes_per_expert: Mapping[str, int], backbone_bytes: int) -> int:
-        """Device bytes with every expert and every backbone resident."""
-        counts = self.to_json()
-        return backbone_bytes + sum(count * bytes_per_expert[precision] for precision, count in counts.items())
+    def expert_bytes(self, bytes_per_expert: Mapping[str, int]) -> int:
+        """Bytes of every expert in its precision."""
+        return sum(count * bytes_per_expert[precision] for precision, count in self.to_json().items())
 
 
 def all_unquantized(num_experts: int) -> Configuration:

@@ -1,9 +1,14 @@
-"""Measure a store under one expert-precision choice: decode tokens/s on a short workload, and perplexity.
+"""Measure a store under one expert-precision choice: timed runs of a short decode workload, and perplexity.
 
 The store's variants are loaded once in bf16 over one shared ExpertBank; each choice re-quantizes the bank
-from its dense experts, so every variant computes with it. The workload decodes one seeded random prompt
-per variant in turn at batch 1; decode tokens/s = decoded tokens / (median full run - median prefill-only
-run), the runs alternating after a warm-up (as `moeplex bench quant` times one model).
+from its dense experts, so every variant computes with it. With an expert budget smaller than the
+choice's expert bytes, the timed runs use offloaded experts instead: one pool over the store (each
+expert in its precision, read from disk past the page cache), the default offloading settings
+(prediction, prefetch, trace-aware eviction). Perplexity is always computed resident (where an expert
+lives does not change what it computes), on held-out text: the calibration text that chooses which
+experts to quantize is training-split text, on which a small model's perplexity can even drop when
+its experts are perturbed. The workload decodes one seeded random prompt per variant in
+turn at batch 1; the Profiler turns full and prefill-only runs into decode tokens/s.
 """
 
 from __future__ import annotations
@@ -11,20 +16,27 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
-from moeplex.bench.measure import alternate, median
+from moeplex.bench.measure import timed
 from moeplex.consolidate.analysis import calibration_tokens
+from moeplex.demo.corpora import DOMAINS
+from moeplex.eval.domains import heldout_token_ids
 from moeplex.eval.perplexity import runtime_logits, windowed_perplexity
 from moeplex.model.generate import generate
+from moeplex.model.runtime import MoEModel
 from moeplex.model.sampling import SamplingParams
+from moeplex.offload.config import OffloadConfig
+from moeplex.offload.loading import offload_variant_models
 from moeplex.quant.apply import quantize_bank_experts
 from moeplex.quant.bank_calibration import BankCalibration, calibrate_bank
-from moeplex.quant.experts import quantize_expert
 from moeplex.quant.formats import DEFAULT_GROUP_SIZE, PRECISIONS, UNQUANTIZED
+from moeplex.quant.sizes import expert_nbytes
 from moeplex.store.layout import MANIFEST, TOKENIZER
 from moeplex.store.reader import StoreReader
 
@@ -35,23 +47,26 @@ MEASURE_DTYPE = torch.bfloat16
 class MeterSettings:
     new_tokens: int = 24  # per variant and run
     prompt_tokens: int = 16
-    repeats: int = 5  # alternating timed runs per configuration
-    calibration_tokens_per_domain: int = 512  # training-split text: errors, frequencies and perplexity
+    repeats: int = 5  # timed rounds: each measures every configuration once, in turn
+    calibration_tokens_per_domain: int = 512  # training-split text: output errors and routing frequencies
+    heldout_tokens_per_domain: int = 1024  # held-out text: perplexity
     group_size: int = DEFAULT_GROUP_SIZE
     threads: int = 1
     seed: int = 0
 
 
 class StoreMeter:
-    """The store's variants resident once; `use(precision_of_id)` sets the bank's precisions for what follows."""
+    """The store's variants resident once; `use(precision_of_id, expert_budget)` sets up what the next runs use."""
 
     def __init__(self, store: str | Path, settings: MeterSettings | None = None):
         settings = settings or MeterSettings()
         torch.set_num_threads(settings.threads)
         self.store, self.settings = Path(store), settings
         reader = StoreReader(store)
+        self.manifest = reader.manifest
         self.tables = {variant: reader.expert_table(variant) for variant in reader.variants}
         self.models = reader.load_variant_models(reader.variants, MEASURE_DTYPE, progress=True)
+        self.timed_models: dict[str, MoEModel] = self.models  # what the timed runs use: resident or offloaded
         self.bank = next(iter(self.models.values())).experts.bank
         self.dense = self.bank.compute
         self.expert_ids = list(self.bank.row_of)
@@ -70,8 +85,9 @@ class StoreMeter:
 
     def bytes_per_expert(self) -> dict[str, int]:
         """Bytes of one expert in each precision (every expert of a store has one shape)."""
-        gate_up, down = self.dense.gate_up[0][0], self.dense.down[0][0]
-        return {p: quantize_expert(gate_up, down, p, self.settings.group_size).nbytes for p in PRECISIONS}
+        spec = next(iter(self.models.values())).spec
+        hidden, inter = spec.hidden_size, spec.expert_intermediate_size
+        return {p: expert_nbytes(hidden, inter, p, self.settings.group_size, MEASURE_DTYPE.itemsize) for p in PRECISIONS}
 
     def backbone_bytes(self) -> int:
         return sum(model.backbone.nbytes for model in self.models.values())
@@ -79,31 +95,58 @@ class StoreMeter:
     def calibration_token_ids(self) -> torch.Tensor:
         return calibration_tokens(self.tokenizer_folder, self.settings.calibration_tokens_per_domain)
 
+    def heldout_token_ids(self) -> torch.Tensor:
+        """Held-out text of every demo domain (no model was trained on it), for perplexity."""
+        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_folder)
+        per_domain = self.settings.heldout_tokens_per_domain
+        return torch.cat([heldout_token_ids(tokenizer, domain, per_domain) for domain in DOMAINS])
+
     def calibrate(self, token_ids: torch.Tensor) -> BankCalibration:
         self.use({})
         return calibrate_bank(self.models, self.tables, self.bank, token_ids, self.settings.group_size, progress=True)
 
-    def use(self, precision_of_id: Mapping[str, str]) -> None:
+    def use(self, precision_of_id: Mapping[str, str], expert_budget: int | None = None) -> None:
+        """Quantize the bank as precision_of_id says; with expert_budget (bytes), time offloaded experts in those precisions."""
+        self._close_offloaded()
         self.bank.compute = self.dense
         quantized = {expert_id: p for expert_id, p in precision_of_id.items() if p != UNQUANTIZED}
         if quantized:
             quantize_bank_experts(self.bank, quantized, self.settings.group_size)
+        if expert_budget is not None:
+            config = OffloadConfig(device_budget=expert_budget)
+            self.timed_models = offload_variant_models(self.store, self.manifest, self.models, config, quantized, self.settings.group_size)
 
-    def decode_tokens_per_s(self) -> float:
-        runs = {"full": self._workload(self.settings.new_tokens), "prefill": self._workload(1)}
-        samples = alternate(runs, self.settings.repeats)
-        decoded = len(self.models) * (self.settings.new_tokens - 1)
-        return decoded / (median(samples["full"]) - median(samples["prefill"]))
+    @property
+    def decoded_tokens(self) -> int:
+        """Tokens a full run decodes beyond what a prefill-only run does."""
+        return len(self.models) * (self.settings.new_tokens - 1)
+
+    def time_runs(self) -> tuple[float, float]:
+        """Seconds of one full run and one prefill-only run, after an untimed full run (warms caches and the pool)."""
+        full, prefill = self._workload(self.settings.new_tokens), self._workload(1)
+        full()
+        return timed(full), timed(prefill)
 
     def perplexity(self, token_ids: torch.Tensor) -> float:
-        """Mean over variants of each one's perplexity on the tokens."""
+        """Mean over variants of each one's perplexity on the tokens (experts resident, in the precisions of `use`)."""
         return sum(windowed_perplexity(runtime_logits(m), token_ids) for m in self.models.values()) / len(self.models)
+
+    def close(self) -> None:
+        self._close_offloaded()
+
+    def _close_offloaded(self) -> None:
+        if self.timed_models is not self.models:
+            for model in self.timed_models.values():
+                model.experts.close()
+            self.timed_models = self.models
 
     def _workload(self, new_tokens: int):
         params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
 
         def run():
-            for variant, model in self.models.items():
-                generate(model, self.prompts[variant], params)
+            for variant, model in self.timed_models.items():
+                request = getattr(model.experts, "request", None)  # offloaded experts trace each variant's run
+                with request(variant) if request is not None else nullcontext():
+                    generate(model, self.prompts[variant], params)
 
         return run

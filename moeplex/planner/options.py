@@ -21,7 +21,11 @@ def ppl_increase(text: str) -> float:
 
 def add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", type=Path, help="store folder (the plan is written into it as placement.json)")
-    parser.add_argument("--device-memory", required=True, help="bytes for resident experts + backbones: 800MB, 2GiB, or 0.6x (of all bf16)")
+    parser.add_argument("--device-memory", required=True,
+                        help="bytes for every backbone and the resident experts: 800MB, 2GiB, or 0.6x (of all resident in bf16); "
+                             "a configuration whose experts do not all fit is measured offloaded")
+    parser.add_argument("--resident-only", action="store_true",
+                        help="leave out configurations whose experts do not all fit the device memory instead of offloading them")
     parser.add_argument("--min-tokens-per-second", type=float, help="decode tokens/s floor on the planner's workload")
     parser.add_argument("--max-ppl-increase", type=ppl_increase, help="perplexity ceiling over all-bf16: 0.05 or 5%%")
     parser.add_argument("--plot", type=Path, help="write the frontier and the chosen point as a PNG here")
@@ -41,7 +45,7 @@ def run_from_options(args: argparse.Namespace) -> int:
 
     constraints = Constraints(args.min_tokens_per_second, args.max_ppl_increase)
     result = run_plan(args.store, args.device_memory, constraints, args.plot, args.steps,
-                      MeterSettings(threads=args.threads, group_size=args.group_size))
+                      MeterSettings(threads=args.threads, group_size=args.group_size), args.resident_only)
     print(format_plan(result))
     if args.json is not None:
         summary = {

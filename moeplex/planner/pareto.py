@@ -16,13 +16,15 @@ class Measurement:
     config: Configuration
     tokens_per_s: float
     ppl: float
-    resident_bytes: int
+    resident_bytes: int  # device bytes: backbones and the resident experts
+    resident_fraction: float = 1.0  # of the configuration's expert bytes, resident (below 1: timed offloaded)
 
     def to_json(self) -> dict:
         return {
             "tokens_per_s": self.tokens_per_s,
             "ppl": self.ppl,
             "resident_bytes": self.resident_bytes,
+            "resident_fraction": self.resident_fraction,
             "config": self.config.to_json(),
         }
 

@@ -6,14 +6,18 @@ Written atomically (temporary file, fsync, rename) as `<store>/placement.json`; 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from moeplex.model.experts import DenseExperts
 from moeplex.planner.files import write_json_atomically
 from moeplex.quant.apply import quantize_bank_experts
+from moeplex.quant.experts import QuantizedExpert
 from moeplex.quant.formats import GROUP_SIZES, PRECISIONS, UNQUANTIZED
+from moeplex.quant.store_copies import COPY_SOURCE_DTYPE, QuantizedCopies
 from moeplex.store.errors import StoreError
-from moeplex.store.experts import ExpertBank
+from moeplex.store.experts import BANK_LAYER, ExpertBank
 
 PLACEMENT_FILE = "placement.json"
 PLACEMENT_VERSION = 1
@@ -64,16 +68,43 @@ def read_placement(store: str | Path) -> Placement | None:
     return placement
 
 
-def apply_placement(store: str | Path, bank: ExpertBank) -> Placement | None:
-    """Quantize the bank's experts as the store's placement says (nothing when it has none); returns the placement."""
+def read_placement_for(store: str | Path, expert_ids: Iterable[str]) -> Placement | None:
+    """The store's placement (None when it has none), checked to name only the given expert ids (those the variants use)."""
     placement = read_placement(store)
     if placement is None:
         return None
-    unknown = sorted(set(placement.precision) - set(bank.row_of))
+    unknown = sorted(set(placement.precision) - set(expert_ids))
     if unknown:
         raise StoreError(f"{placement_path(store)}: names expert ids this store's variants do not use: {unknown[:3]}")
-    quantize_bank_experts(bank, placement.quantized(), placement.group_size)
     return placement
+
+
+def apply_placement(store: str | Path, bank: ExpertBank) -> Placement | None:
+    """Quantize the bank's experts as the store's placement says (nothing when it has none); returns the placement.
+
+    Experts that the store has quantized copies of (`moeplex.quant.store_copies`) are read from them; the
+    others are quantized from the bank's weights. Both give the same bits (copies are made from bf16
+    weights, so a bank in another dtype quantizes all of its own).
+    """
+    placement = read_placement_for(store, bank.row_of)
+    if placement is None:
+        return None
+    quantized = placement.quantized()
+    stored = _stored_copies(store, bank, quantized, placement.group_size)
+    quantize_bank_experts(bank, quantized, placement.group_size, stored)
+    return placement
+
+
+def _stored_copies(
+    store: str | Path, bank: ExpertBank, precision_of_id: dict[str, str], group_size: int
+) -> dict[str, QuantizedExpert]:
+    """The store's copies of those experts, on the bank's device; none unless the bank holds bf16 DenseExperts."""
+    if not isinstance(bank.compute, DenseExperts):
+        return {}  # quantize_bank_experts says why it cannot quantize this bank
+    stack = bank.compute.gate_up[BANK_LAYER]
+    if stack.dtype != COPY_SOURCE_DTYPE:
+        return {}
+    return QuantizedCopies.load(store).read_many(precision_of_id, group_size, stack.device)
 
 
 def _check(placement: Placement, path: Path) -> None:

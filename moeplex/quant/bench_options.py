@@ -23,6 +23,7 @@ class QuantBenchSettings:
 
 PARTS = ("speed", "selection", "frontier")
 FRONTIER_STEPS = 8  # int4 / int8 counts at eighths of the experts: 45 configurations
+FRONTIER_DEVICE_MEMORY = "0.35x"  # of the store all resident in bf16: every backbone, ~1/6 of the bf16 experts
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +38,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                         help="speed: all int4 / int8 vs bf16 on the bench model; selection and frontier: on --store (default: all)")
     parser.add_argument("--store", type=Path, help="trained store for selection and frontier (default: the tiny demo family's identity store)")
     parser.add_argument("--frontier-steps", type=int, default=FRONTIER_STEPS, help=f"int4 / int8 counts at multiples of 1/STEPS of the experts (default: {FRONTIER_STEPS})")
+    parser.add_argument("--device-memory", default=FRONTIER_DEVICE_MEMORY,
+                        help="the fixed device budget of the frontier (backbones + resident experts; experts beyond it are "
+                             f"offloaded): 30MB, or 0.35x of the store all resident in bf16 (default: {FRONTIER_DEVICE_MEMORY})")
 
 
 def run_from_options(args: argparse.Namespace) -> dict:
@@ -68,21 +72,23 @@ def _run_speed(args: argparse.Namespace) -> dict:
 
 def _run_store_parts(args: argparse.Namespace) -> dict:
     from moeplex.demo.stores import identity_store
+    from moeplex.planner.command import device_budgets
     from moeplex.planner.meter import MeterSettings, StoreMeter
     from moeplex.planner.profile import Profiler
     from moeplex.quant.bench_store import (
         compare_selections,
         format_frontier,
         format_selection,
-        heldout_ids,
         measure_frontier,
     )
 
     store = args.store or identity_store()
-    profiler = Profiler(StoreMeter(store, MeterSettings(threads=args.threads, group_size=args.group_size)))
-    result = {"store": str(store)}
+    meter = StoreMeter(store, MeterSettings(threads=args.threads, group_size=args.group_size))
+    device_bytes, expert_budget = device_budgets(meter, args.device_memory)
+    profiler = Profiler(meter, expert_budget=expert_budget)  # the selection part scores quality only: budget unused there
+    result = {"store": str(store), "device_memory_bytes": device_bytes, "expert_budget_bytes": expert_budget}
     if "selection" in args.parts:
-        result["selection"] = compare_selections(profiler, heldout_ids(profiler))
+        result["selection"] = compare_selections(profiler, profiler.heldout_ids)
         print(format_selection(result["selection"]))
     if "frontier" in args.parts:
         result.update(measure_frontier(profiler, args.frontier_steps))

@@ -1,7 +1,7 @@
 """`moeplex bench quant` on a trained store: which selection policy keeps held-out perplexity lowest, and the frontier.
 
 Both use the planner's measurement code (StoreMeter, Profiler): errors and routing frequencies come from
-calibration text (training split); the selection comparison scores held-out text no model was trained on.
+calibration text (training split); perplexity is on held-out text no model was trained on.
 """
 
 from __future__ import annotations
@@ -9,10 +9,7 @@ from __future__ import annotations
 import statistics
 
 import torch
-from transformers import AutoTokenizer
 
-from moeplex.demo.corpora import DOMAINS
-from moeplex.eval.domains import heldout_token_ids
 from moeplex.planner.configurations import Configuration, configuration_grid
 from moeplex.planner.pareto import pareto_frontier
 from moeplex.planner.profile import Profiler
@@ -20,12 +17,6 @@ from moeplex.quant.policies import LeastErrorFirst, LeastRoutedFirst, RandomSele
 
 INT4_FRACTIONS = (0.125, 0.25, 0.5, 0.75)  # 0 and 1 leave nothing to choose: every policy gives the same model
 RANDOM_SEEDS = (0, 1, 2)
-HELDOUT_TOKENS_PER_DOMAIN = 1024
-
-
-def heldout_ids(profiler: Profiler, tokens_per_domain: int = HELDOUT_TOKENS_PER_DOMAIN) -> torch.Tensor:
-    tokenizer = AutoTokenizer.from_pretrained(profiler.meter.tokenizer_folder)
-    return torch.cat([heldout_token_ids(tokenizer, domain, tokens_per_domain) for domain in DOMAINS])
 
 
 def compare_selections(profiler: Profiler, heldout: torch.Tensor, int4_fractions=INT4_FRACTIONS, seeds=RANDOM_SEEDS) -> dict:
@@ -35,7 +26,7 @@ def compare_selections(profiler: Profiler, heldout: torch.Tensor, int4_fractions
         LeastRoutedFirst.name: LeastRoutedFirst(calibration.frequency),
         LeastErrorFirst.name: LeastErrorFirst(calibration.errors, calibration.frequency),
     }
-    bf16_expert_bytes = profiler.resident_bytes(Configuration(0, 0, n)) - profiler.backbone_bytes
+    bf16_expert_bytes = profiler.expert_bytes(Configuration(0, 0, n))
     meter.use({})
     result = {
         "bf16_ppl": meter.perplexity(heldout),
@@ -55,7 +46,7 @@ def compare_selections(profiler: Profiler, heldout: torch.Tensor, int4_fractions
     for fraction in int4_fractions:
         int4 = round(n * fraction)
         config = Configuration(int4, 0, n - int4)
-        result["memory_points"].append((profiler.resident_bytes(config) - profiler.backbone_bytes) / bf16_expert_bytes)
+        result["memory_points"].append(profiler.expert_bytes(config) / bf16_expert_bytes)
         per_seed = [heldout_ppl(RandomSelection(seed), config) for seed in seeds]
         result["random_per_seed"].append(per_seed)
         result[RandomSelection.name].append(statistics.mean(per_seed))
@@ -66,7 +57,7 @@ def compare_selections(profiler: Profiler, heldout: torch.Tensor, int4_fractions
 
 
 def measure_frontier(profiler: Profiler, steps: int) -> dict:
-    """Every configuration of the grid (all resident) measured; the frontier and its tokens/s span."""
+    """Every configuration of the grid measured at the profiler's expert budget; the frontier and its tokens/s span."""
     points = profiler.measure(configuration_grid(profiler.num_experts, steps))
     frontier = pareto_frontier(points)
     speeds = [p.tokens_per_s for p in frontier]
@@ -98,9 +89,10 @@ def format_frontier(frontier: dict) -> str:
             f"frontier: {len(frontier['frontier'])} of {len(frontier['points'])} configurations, tokens/s span "
             f"{frontier['frontier_tokens_per_s_span']:.2f}x (all points {frontier['all_points_tokens_per_s_span']:.2f}x)"
         ),
-        f"{'int4':>5} {'int8':>5} {'bf16':>5} {'tok/s':>7} {'ppl':>9}",
+        f"{'int4':>5} {'int8':>5} {'bf16':>5} {'resident':>8} {'tok/s':>7} {'ppl':>9}",
     ]
     for point in frontier["frontier"]:
         c = point["config"]
-        lines.append(f"{c['int4']:>5} {c['int8']:>5} {c['bf16']:>5} {point['tokens_per_s']:>7.1f} {point['ppl']:>9.4f}")
+        lines.append(f"{c['int4']:>5} {c['int8']:>5} {c['bf16']:>5} {point['resident_fraction']:>8.0%}"
+                     f" {point['tokens_per_s']:>7.1f} {point['ppl']:>9.4f}")
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,34 @@ class QuantizedExpert:
     def nbytes(self) -> int:
         return self.gate_up.nbytes + self.down.nbytes
 
+    @property
+    def device(self) -> torch.device:
+        return _tensors(self.gate_up)[0].device
+
+    def to(self, device) -> QuantizedExpert:
+        """The expert on `device`; int4 is packed for one kind of device, so it cannot move between CPU and CUDA."""
+        device = torch.device(device)
+        if self.precision == "int4" and device.type != self.device.type:
+            raise ValueError(f"an int4 expert packed for {self.device.type} cannot move to {device.type}: "
+                             "read it onto that device from the store's copy (moeplex.quant.store_copies)")
+        return self._map(lambda t: t.to(device))
+
+    def pin_memory(self) -> QuantizedExpert:
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedExpert:
+        return QuantizedExpert(self.precision, _map_tensors(self.gate_up, fn), _map_tensors(self.down, fn))
+
+
+def _tensors(weight: LinearWeight) -> list[torch.Tensor]:
+    return [value for field in dataclasses.fields(weight) if isinstance(value := getattr(weight, field.name), torch.Tensor)]
+
+
+def _map_tensors(weight: LinearWeight, fn: Callable[[torch.Tensor], torch.Tensor]) -> LinearWeight:
+    """The same weight with fn applied to each of its tensors (its other fields kept)."""
+    changed = {f.name: fn(v) for f in dataclasses.fields(weight) if isinstance(v := getattr(weight, f.name), torch.Tensor)}
+    return dataclasses.replace(weight, **changed)
+
 
 def quantize_expert(
     gate_up: torch.Tensor, down: torch.Tensor, precision: str, group_size: int = DEFAULT_GROUP_SIZE
@@ -45,27 +74,40 @@ class QuantizedExperts:
 
     @classmethod
     def from_dense(
-        cls, dense: DenseExperts, precision_of: Mapping[Position, str], group_size: int = DEFAULT_GROUP_SIZE
+        cls,
+        dense: DenseExperts,
+        precision_of: Mapping[Position, str],
+        group_size: int = DEFAULT_GROUP_SIZE,
+        quantized: Mapping[Position, QuantizedExpert] | None = None,
     ) -> QuantizedExperts:
-        """Each position of `dense` in precision_of's precision (unlisted ones stay unquantized)."""
+        """Each position of `dense` in precision_of's precision (unlisted ones stay unquantized).
+
+        Positions in `quantized` take that expert as given (already quantized, e.g. read from the store's
+        copies; its precision must be precision_of's) instead of quantizing the dense one.
+        """
+        quantized = quantized or {}
         positions = {
             (layer, expert) for layer, stack in enumerate(dense.gate_up) if stack is not None for expert in range(len(stack))
         }
-        unknown = sorted(set(precision_of) - positions)
+        unknown = sorted((set(precision_of) | set(quantized)) - positions)
         if unknown:
             raise ValueError(f"no expert at positions {unknown[:5]} (layers without experts, or indices out of range)")
-        layers: list[list[QuantizedExpert] | None] = []
-        for layer, (gate_up, down) in enumerate(zip(dense.gate_up, dense.down)):
-            if gate_up is None:
-                layers.append(None)
-                continue
-            layers.append(
-                [
-                    quantize_expert(gate_up[e], down[e], check_precision(precision_of.get((layer, e), UNQUANTIZED)), group_size)
-                    for e in range(len(gate_up))
-                ]
-            )
-        return cls(layers)
+        mismatched = sorted(p for p, expert in quantized.items() if precision_of.get(p, UNQUANTIZED) != expert.precision)
+        if mismatched:
+            raise ValueError(f"given quantized experts at positions {mismatched[:5]} are not in the precision asked for")
+
+        def expert_at(layer: int, e: int) -> QuantizedExpert:
+            if (layer, e) in quantized:
+                return quantized[(layer, e)]
+            precision = check_precision(precision_of.get((layer, e), UNQUANTIZED))
+            return quantize_expert(dense.gate_up[layer][e], dense.down[layer][e], precision, group_size)
+
+        return cls(
+            [
+                None if stack is None else [expert_at(layer, e) for e in range(len(stack))]
+                for layer, stack in enumerate(dense.gate_up)
+            ]
+        )
 
     def __call__(self, layer, hidden, expert_ids, routing_weights):
         out = torch.zeros_like(hidden)  # [T, H]
