@@ -60,6 +60,15 @@ def test_frontier_is_exactly_the_undominated_points_slowest_first(seed):
     assert speeds == sorted(speeds) and ppls == sorted(ppls)  # faster costs perplexity along the frontier
 
 
+def test_frontier_over_kl_ranks_by_kl_and_rejects_unknown_qualities():
+    points = [Measurement(Configuration(i, 0, 10 - i), 100.0 + 10 * i, 11.0 - 0.1 * (i % 3), 1000, kl=0.01 * i) for i in range(8)]
+    frontier = pareto_frontier(points, "kl")
+    assert frontier == points  # faster always costs KL here, so every point is on the KL frontier
+    assert len(pareto_frontier(points, "ppl")) < len(points)
+    with pytest.raises(ValueError, match="quality must be one of"):
+        pareto_frontier(points, "loss")
+
+
 def test_frontier_ties():
     first, duplicate = point(100.0, 11.0, int4=1), point(100.0, 11.0, int4=2)
     same_speed_worse = point(100.0, 11.5, int4=3)

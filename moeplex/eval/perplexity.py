@@ -1,4 +1,4 @@
-"""Perplexity through the moeplex runtime (and through transformers, as the reference)."""
+"""Perplexity through the moeplex runtime (and through transformers, as the reference), and KL divergence to a reference model."""
 
 from __future__ import annotations
 
@@ -46,6 +46,28 @@ def predictions_perplexity(predict: PredictFn, token_ids: torch.Tensor, window: 
 def windowed_perplexity(logits_of: LogitsFn, token_ids: torch.Tensor, window: int = DEFAULT_WINDOW) -> float:
     """exp(mean next-token NLL) over non-overlapping windows, each scored from an empty context."""
     return predictions_perplexity(causal_predictions(logits_of), token_ids, window)
+
+
+def window_log_probs(logits_of: LogitsFn, token_ids: torch.Tensor, window: int = DEFAULT_WINDOW) -> list[torch.Tensor]:
+    """Per window, the model's next-token log-probabilities [m, V] (float32): the reference of `windowed_ppl_and_kl`."""
+    return [torch.log_softmax(logits_of(chunk[:-1]).float(), dim=-1) for chunk in token_windows(token_ids, window)]
+
+
+def windowed_ppl_and_kl(
+    logits_of: LogitsFn, token_ids: torch.Tensor, reference: list[torch.Tensor], window: int = DEFAULT_WINDOW
+) -> tuple[float, float]:
+    """(perplexity, mean KL(reference || model) per predicted token, in nats) in one pass over the windows.
+
+    reference: `window_log_probs` of the reference model on the same tokens and windows.
+    """
+    total_nll, total_kl, total_tokens = 0.0, 0.0, 0
+    for chunk, reference_log_probs in zip(token_windows(token_ids, window), reference, strict=True):
+        log_probs = torch.log_softmax(logits_of(chunk[:-1]).float(), dim=-1)  # [m, V]
+        targets = chunk[1:]
+        total_nll -= float(log_probs.gather(1, targets[:, None]).sum())
+        total_kl += float(F.kl_div(log_probs, reference_log_probs, log_target=True, reduction="sum"))
+        total_tokens += targets.numel()
+    return math.exp(total_nll / total_tokens), total_kl / total_tokens
 
 
 def runtime_logits(model: MoEModel) -> LogitsFn:

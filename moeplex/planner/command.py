@@ -108,14 +108,14 @@ def format_plan(result: PlanResult) -> str:
     lines = [
         f"device memory: {result.budget_bytes / 1e6:.1f} MB; {len(result.points)} configurations measured"
         + (f", {result.skipped} left out (not all resident)" if result.skipped else ""),
-        f"{'int4':>5} {'int8':>5} {'bf16':>5} {'MB':>7} {'resident':>8} {'tok/s':>7} {'ppl':>8} {'vs bf16':>8}  frontier",
+        f"{'int4':>5} {'int8':>5} {'bf16':>5} {'MB':>7} {'resident':>8} {'tok/s':>7} {'ppl':>8} {'vs bf16':>8} {'KL x1e-6':>9}  frontier",
     ]
     on_frontier = {id(p) for p in result.frontier}
     for point in sorted(result.points, key=lambda p: p.tokens_per_s):
         config = point.config
         mark = ("*" if id(point) in on_frontier else "") + (" <- chosen" if point is result.chosen else "")
         lines.append(f"{config.int4:>5} {config.int8:>5} {config.bf16:>5} {point.resident_bytes / 1e6:>7.1f}"
-                     f" {point.resident_fraction:>8.0%} {point.tokens_per_s:>7.1f} {point.ppl:>8.3f} {point.ppl / reference - 1:>+8.2%}  {mark}")
+                     f" {point.resident_fraction:>8.0%} {point.tokens_per_s:>7.1f} {point.ppl:>8.3f} {point.ppl / reference - 1:>+8.2%} {point.kl * 1e6:>9.1f}  {mark}")
     lines.append(f"chosen: {describe(result.chosen, reference)}")
     lines.append(f"wrote {result.placement_file}" + (f" and {result.plot}" if result.plot else ""))
     return "\n".join(lines)

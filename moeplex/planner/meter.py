@@ -1,4 +1,4 @@
-"""Measure a store under one expert-precision choice: timed runs of a short decode workload, and perplexity.
+"""Measure a store under one expert-precision choice: timed runs of a short decode workload, perplexity and KL.
 
 The store's variants are loaded once in bf16 over one shared ExpertBank; each choice re-quantizes the bank
 from its dense experts, so every variant computes with it. With an expert budget smaller than the
@@ -7,7 +7,9 @@ expert in its precision, read from disk past the page cache), the default offloa
 (prediction, prefetch, trace-aware eviction). Perplexity is always computed resident (where an expert
 lives does not change what it computes), on held-out text: the calibration text that chooses which
 experts to quantize is training-split text, on which a small model's perplexity can even drop when
-its experts are perturbed. The workload decodes one seeded random prompt per variant in
+its experts are perturbed. With it comes the KL divergence from the all-bf16 model's predictions on
+the same text, which grows with how far quantization moves the model even where perplexity cannot
+resolve it (on a small model, quantization noise moves perplexity either way). The workload decodes one seeded random prompt per variant in
 turn at batch 1; the Profiler turns full and prefill-only runs into decode tokens/s.
 """
 
@@ -27,7 +29,7 @@ from moeplex.bench.measure import timed
 from moeplex.consolidate.analysis import calibration_tokens
 from moeplex.demo.corpora import DOMAINS
 from moeplex.eval.domains import heldout_token_ids
-from moeplex.eval.perplexity import runtime_logits, windowed_perplexity
+from moeplex.eval.perplexity import runtime_logits, window_log_probs, windowed_ppl_and_kl
 from moeplex.model.generate import generate
 from moeplex.model.runtime import MoEModel
 from moeplex.model.sampling import SamplingParams
@@ -69,6 +71,7 @@ class StoreMeter:
         self.timed_models: dict[str, MoEModel] = self.models  # what the timed runs use: resident or offloaded
         self.bank = next(iter(self.models.values())).experts.bank
         self.dense = self.bank.compute
+        self._reference: tuple[torch.Tensor, dict[str, list[torch.Tensor]]] | None = None
         self.expert_ids = list(self.bank.row_of)
         self.tokenizer_folder = self.store / TOKENIZER
         generator = torch.Generator().manual_seed(settings.seed)
@@ -127,9 +130,22 @@ class StoreMeter:
         full()
         return timed(full), timed(prefill)
 
-    def perplexity(self, token_ids: torch.Tensor) -> float:
-        """Mean over variants of each one's perplexity on the tokens (experts resident, in the precisions of `use`)."""
-        return sum(windowed_perplexity(runtime_logits(m), token_ids) for m in self.models.values()) / len(self.models)
+    def quality(self, token_ids: torch.Tensor) -> tuple[float, float]:
+        """(perplexity, KL from the all-bf16 model per token), each the mean over variants; experts resident, in the precisions of `use`."""
+        reference = self._reference_log_probs(token_ids)
+        scores = [windowed_ppl_and_kl(runtime_logits(m), token_ids, reference[v]) for v, m in self.models.items()]
+        return sum(ppl for ppl, _ in scores) / len(scores), sum(kl for _, kl in scores) / len(scores)
+
+    def _reference_log_probs(self, token_ids: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """Each variant's all-bf16 log-probabilities on the tokens, computed once per token tensor (float32, [tokens, V])."""
+        if self._reference is None or self._reference[0] is not token_ids:
+            compute, self.bank.compute = self.bank.compute, self.dense
+            try:
+                log_probs = {v: window_log_probs(runtime_logits(m), token_ids) for v, m in self.models.items()}
+            finally:
+                self.bank.compute = compute
+            self._reference = (token_ids, log_probs)
+        return self._reference[1]
 
     def close(self) -> None:
         self._close_offloaded()

@@ -18,6 +18,7 @@ class Measurement:
     ppl: float
     resident_bytes: int  # device bytes: backbones and the resident experts
     resident_fraction: float = 1.0  # of the configuration's expert bytes, resident (below 1: timed offloaded)
+    kl: float | None = None  # KL divergence from the all-bf16 model per token (lower is better)
 
     def to_json(self) -> dict:
         return {
@@ -25,24 +26,31 @@ class Measurement:
             "ppl": self.ppl,
             "resident_bytes": self.resident_bytes,
             "resident_fraction": self.resident_fraction,
+            "kl": self.kl,
             "config": self.config.to_json(),
         }
 
 
-def dominates(a: Measurement, b: Measurement) -> bool:
-    """a is at least as fast and as good as b, and strictly better in one of the two."""
-    return a.tokens_per_s >= b.tokens_per_s and a.ppl <= b.ppl and (a.tokens_per_s > b.tokens_per_s or a.ppl < b.ppl)
+QUALITIES = ("ppl", "kl")  # lower is better for both
 
 
-def pareto_frontier(points: Iterable[Measurement]) -> list[Measurement]:
-    """The points that no other point dominates, slowest (and best perplexity) first.
+def dominates(a: Measurement, b: Measurement, quality: str = "ppl") -> bool:
+    """a is at least as fast and as good as b (by `quality`), and strictly better in one of the two."""
+    qa, qb = getattr(a, quality), getattr(b, quality)
+    return a.tokens_per_s >= b.tokens_per_s and qa <= qb and (a.tokens_per_s > b.tokens_per_s or qa < qb)
 
-    Of points with exactly equal tokens/s and perplexity only the first given is kept.
+
+def pareto_frontier(points: Iterable[Measurement], quality: str = "ppl") -> list[Measurement]:
+    """The points that no other point dominates in tokens/s and `quality` (ppl or kl), slowest (and best quality) first.
+
+    Of points with exactly equal tokens/s and quality only the first given is kept.
     """
-    fastest_first = sorted(points, key=lambda p: (-p.tokens_per_s, p.ppl))  # stable: equal points keep their order
-    frontier, best_ppl = [], math.inf
+    if quality not in QUALITIES:
+        raise ValueError(f"quality must be one of {', '.join(QUALITIES)}, not '{quality}'")
+    fastest_first = sorted(points, key=lambda p: (-p.tokens_per_s, getattr(p, quality)))  # stable: equal points keep their order
+    frontier, best = [], math.inf
     for point in fastest_first:
-        if point.ppl < best_ppl:  # strictly better than everything at least as fast
+        if getattr(point, quality) < best:  # strictly better than everything at least as fast
             frontier.append(point)
-            best_ppl = point.ppl
+            best = getattr(point, quality)
     return frontier[::-1]

@@ -79,27 +79,29 @@ class Profiler:
         """Each configuration's measurement: from the cache, or perplexity and then round-robin timing."""
         configs = list(configs)
         measured = {config: self.cache.measurement(self.key(config)) if self.cache else None for config in configs}
-        missing = [config for config, found in measured.items() if found is None]
+        missing = [config for config, found in measured.items() if found is None or "kl" not in found]
         if missing:
-            ppl = self._perplexities(missing)
+            quality = self._qualities(missing)
             tokens_per_s = self._decode_rates(missing)
             for config in missing:
-                measured[config] = {"tokens_per_s": tokens_per_s[config], "ppl": ppl[config]}
+                ppl, kl = quality[config]
+                measured[config] = {"tokens_per_s": tokens_per_s[config], "ppl": ppl, "kl": kl}
                 if self.cache:
                     self.cache.add_measurement(self.key(config), measured[config])
         self.meter.use({})
         return [
             Measurement(config, measured[config]["tokens_per_s"], measured[config]["ppl"], self.resident_bytes(config),
-                        self.resident_fraction(config))
+                        self.resident_fraction(config), measured[config]["kl"])
             for config in configs
         ]
 
-    def _perplexities(self, configs: list[Configuration]) -> dict[Configuration, float]:
-        ppl = {}
-        for config in tqdm(configs, desc="perplexity", unit="config"):
+    def _qualities(self, configs: list[Configuration]) -> dict[Configuration, tuple[float, float]]:
+        """(held-out perplexity, KL from all bf16) of each configuration."""
+        quality = {}
+        for config in tqdm(configs, desc="perplexity and KL", unit="config"):
             self.meter.use(self.precisions(config))
-            ppl[config] = self.meter.perplexity(self.heldout_ids)
-        return ppl
+            quality[config] = self.meter.quality(self.heldout_ids)
+        return quality
 
     def _decode_rates(self, configs: list[Configuration]) -> dict[Configuration, float]:
         """Decode tokens/s = decoded tokens / (median full run - median prefill-only run), over the rounds."""

@@ -20,7 +20,10 @@ RANDOM_SEEDS = (0, 1, 2)
 
 
 def compare_selections(profiler: Profiler, heldout: torch.Tensor, int4_fractions=INT4_FRACTIONS, seeds=RANDOM_SEEDS) -> dict:
-    """Held-out perplexity (mean over variants) at each memory point for each policy; random averaged over seeds."""
+    """Held-out perplexity and KL from all bf16 (means over variants) at each memory point for each policy.
+
+    Random is averaged over seeds. result[policy] holds perplexities, result["kl"][policy] the KLs.
+    """
     meter, calibration, n = profiler.meter, profiler.calibration, profiler.num_experts
     policies = {
         LeastRoutedFirst.name: LeastRoutedFirst(calibration.frequency),
@@ -29,7 +32,7 @@ def compare_selections(profiler: Profiler, heldout: torch.Tensor, int4_fractions
     bf16_expert_bytes = profiler.expert_bytes(Configuration(0, 0, n))
     meter.use({})
     result = {
-        "bf16_ppl": meter.perplexity(heldout),
+        "bf16_ppl": meter.quality(heldout)[0],
         "heldout_tokens": heldout.numel(),
         "int4_fraction": list(int4_fractions),
         "memory_points": [],  # expert bytes as a fraction of all-bf16 expert bytes
@@ -37,21 +40,25 @@ def compare_selections(profiler: Profiler, heldout: torch.Tensor, int4_fractions
         "random_per_seed": [],
         RandomSelection.name: [],
         **{name: [] for name in policies},
+        "kl": {name: [] for name in (RandomSelection.name, *policies)},
     }
 
-    def heldout_ppl(policy, config: Configuration) -> float:
+    def heldout_quality(policy, config: Configuration) -> tuple[float, float]:
         meter.use(policy.choose(meter.expert_ids, config.quantized_counts))
-        return meter.perplexity(heldout)
+        return meter.quality(heldout)
 
     for fraction in int4_fractions:
         int4 = round(n * fraction)
         config = Configuration(int4, 0, n - int4)
         result["memory_points"].append(profiler.expert_bytes(config) / bf16_expert_bytes)
-        per_seed = [heldout_ppl(RandomSelection(seed), config) for seed in seeds]
-        result["random_per_seed"].append(per_seed)
-        result[RandomSelection.name].append(statistics.mean(per_seed))
+        per_seed = [heldout_quality(RandomSelection(seed), config) for seed in seeds]
+        result["random_per_seed"].append([ppl for ppl, _ in per_seed])
+        result[RandomSelection.name].append(statistics.mean(ppl for ppl, _ in per_seed))
+        result["kl"][RandomSelection.name].append(statistics.mean(kl for _, kl in per_seed))
         for name, policy in policies.items():
-            result[name].append(heldout_ppl(policy, config))
+            ppl, kl = heldout_quality(policy, config)
+            result[name].append(ppl)
+            result["kl"][name].append(kl)
     meter.use({})
     return result
 
@@ -59,40 +66,50 @@ def compare_selections(profiler: Profiler, heldout: torch.Tensor, int4_fractions
 def measure_frontier(profiler: Profiler, steps: int) -> dict:
     """Every configuration of the grid measured at the profiler's expert budget; the frontier and its tokens/s span."""
     points = profiler.measure(configuration_grid(profiler.num_experts, steps))
-    frontier = pareto_frontier(points)
-    speeds = [p.tokens_per_s for p in frontier]
+    frontier, frontier_kl = pareto_frontier(points, "ppl"), pareto_frontier(points, "kl")
     return {
-        "frontier": [p.to_json() for p in frontier],
+        "frontier": [p.to_json() for p in frontier],  # over held-out perplexity
+        "frontier_kl": [p.to_json() for p in frontier_kl],  # over KL from the all-bf16 model
         "points": [p.to_json() for p in points],
-        "frontier_tokens_per_s_span": max(speeds) / min(speeds),
-        "all_points_tokens_per_s_span": max(p.tokens_per_s for p in points) / min(p.tokens_per_s for p in points),
+        "frontier_tokens_per_s_span": _span(frontier),
+        "frontier_kl_tokens_per_s_span": _span(frontier_kl),
+        "all_points_tokens_per_s_span": _span(points),
     }
+
+
+def _span(points) -> float:
+    speeds = [p.tokens_per_s for p in points]
+    return max(speeds) / min(speeds)
 
 
 def format_selection(selection: dict) -> str:
     lines = [
         (
-            f"held-out ppl (mean over variants; all bf16: {selection['bf16_ppl']:.4f}); "
+            f"held-out ppl and KL from all bf16 (x1e-6 nats/token; means over variants; all bf16 ppl: {selection['bf16_ppl']:.4f}); "
             f"random: mean of seeds {selection['random_seeds']}"
         ),
-        f"{'int4':>6} {'expert bytes':>13} {'random':>10} {'least-routed':>13} {'least-error':>12}",
+        f"{'int4':>6} {'expert bytes':>13} {'random':>10} {'least-routed':>13} {'least-error':>12}"
+        f" {'KL random':>10} {'least-routed':>13} {'least-error':>12}",
     ]
+    kl = selection["kl"]
     for i, fraction in enumerate(selection["int4_fraction"]):
         lines.append(f"{fraction:>6.1%} {selection['memory_points'][i]:>13.1%} {selection['random'][i]:>10.4f}"
-                     f" {selection['least-routed-first'][i]:>13.4f} {selection['least-error-first'][i]:>12.4f}")
+                     f" {selection['least-routed-first'][i]:>13.4f} {selection['least-error-first'][i]:>12.4f}"
+                     f" {kl['random'][i] * 1e6:>10.1f} {kl['least-routed-first'][i] * 1e6:>13.1f} {kl['least-error-first'][i] * 1e6:>12.1f}")
     return "\n".join(lines)
 
 
 def format_frontier(frontier: dict) -> str:
-    lines = [
-        (
-            f"frontier: {len(frontier['frontier'])} of {len(frontier['points'])} configurations, tokens/s span "
-            f"{frontier['frontier_tokens_per_s_span']:.2f}x (all points {frontier['all_points_tokens_per_s_span']:.2f}x)"
-        ),
-        f"{'int4':>5} {'int8':>5} {'bf16':>5} {'resident':>8} {'tok/s':>7} {'ppl':>9}",
-    ]
-    for point in frontier["frontier"]:
-        c = point["config"]
-        lines.append(f"{c['int4']:>5} {c['int8']:>5} {c['bf16']:>5} {point['resident_fraction']:>8.0%}"
-                     f" {point['tokens_per_s']:>7.1f} {point['ppl']:>9.4f}")
+    lines = []
+    for key, quality in (("frontier", "held-out perplexity"), ("frontier_kl", "KL from all bf16")):
+        points = frontier[key]
+        lines += [
+            f"frontier over {quality}: {len(points)} of {len(frontier['points'])} configurations, tokens/s span "
+            f"{frontier[key + '_tokens_per_s_span']:.2f}x (all points {frontier['all_points_tokens_per_s_span']:.2f}x)",
+            f"{'int4':>5} {'int8':>5} {'bf16':>5} {'resident':>8} {'tok/s':>7} {'ppl':>9} {'KL x1e-6':>9}",
+        ]
+        for point in points:
+            c = point["config"]
+            lines.append(f"{c['int4']:>5} {c['int8']:>5} {c['bf16']:>5} {point['resident_fraction']:>8.0%}"
+                         f" {point['tokens_per_s']:>7.1f} {point['ppl']:>9.4f} {point['kl'] * 1e6:>9.1f}")
     return "\n".join(lines)
