@@ -229,12 +229,15 @@ def test_plan_writes_a_placement_and_reuses_measurements(store, tmp_path, monkey
         placement = read_placement(store)
         assert placement.configuration == first.chosen.config.to_json()
         assert sum(p == "int4" for p in placement.precision.values()) == first.chosen.config.int4
+        copies = QuantizedCopies.load(store)  # the engine reads the chosen precisions from the store's copies
+        assert all(copies.has(i, p, FAST.group_size) for i, p in placement.quantized().items())
         second = plan_command.run_plan(store, "1x", Constraints(), None, steps=1, settings=FAST)
         assert len(timed) == 3  # every measurement came from the store's cache
         assert [p.to_json() for p in second.points] == [p.to_json() for p in first.points]
     finally:
         for name in (PLACEMENT_FILE, CACHE_FILE):
             (store / name).unlink(missing_ok=True)
+        shutil.rmtree(store / QUANTIZED, ignore_errors=True)
 
 
 def test_plan_measures_what_does_not_fit_offloaded_or_leaves_it_out(store, monkeypatch):

@@ -20,8 +20,8 @@ class EngineConfig:
     backbone_budget_bytes: device bytes for resident backbones; None keeps every variant's backbone.
     max_model_len: longest prompt + completion in tokens; None takes the model's position limit.
     max_pending_requests: running + waiting sequences beyond which new requests are refused.
-    use_placement: quantize experts as the store's placement.json (written by `moeplex plan`) says, if it has one
-        (resident experts only: offloaded experts run in the compute dtype).
+    use_placement: quantize experts as the store's placement.json (written by `moeplex plan`) says, if it has one;
+        resident and offloaded experts alike (offloaded ones are fetched in their precision).
     expert_budget_bytes: device bytes for compute-ready routed experts; None keeps every expert resident. With a
         budget, all variants' experts come from one ExpertPool over the store (each stored expert once), fetched
         by layer as the routers ask for them; at least one expert must fit.

@@ -25,6 +25,7 @@ from moeplex.planner.placement import Placement, placement_path, write_placement
 from moeplex.planner.plot import plot_frontier
 from moeplex.planner.profile import Profiler
 from moeplex.quant.formats import UNQUANTIZED
+from moeplex.quant.store_copies import write_quantized_copies
 
 
 @dataclass
@@ -83,6 +84,7 @@ def run_plan(
         measured={"tokens_per_s": chosen.tokens_per_s, "ppl": chosen.ppl, "reference_ppl": reference.ppl,
                   "resident_bytes": chosen.resident_bytes},
     )
+    write_quantized_copies(store, placement.quantized(), settings.group_size)  # what the engine reads, resident or offloaded
     write_placement(store, placement)
     if plot is not None:
         plot_frontier(points, chosen, plot, title)

@@ -4,13 +4,14 @@ The store's variants are loaded once in bf16 over one shared ExpertBank; each ch
 from its dense experts, so every variant computes with it. With an expert budget smaller than the
 choice's expert bytes, the timed runs use offloaded experts instead: one pool over the store (each
 expert in its precision, read from disk past the page cache), the default offloading settings
-(prediction, prefetch, trace-aware eviction). Perplexity is always computed resident (where an expert
-lives does not change what it computes), on held-out text: the calibration text that chooses which
-experts to quantize is training-split text, on which a small model's perplexity can even drop when
-its experts are perturbed. With it comes the KL divergence from the all-bf16 model's predictions on
-the same text, which grows with how far quantization moves the model even where perplexity cannot
-resolve it (on a small model, quantization noise moves perplexity either way). The workload decodes one seeded random prompt per variant in
-turn at batch 1; the Profiler turns full and prefill-only runs into decode tokens/s.
+(prediction, prefetch, trace-aware eviction). The workload decodes one seeded random prompt per variant
+in turn at batch 1; the Profiler turns full and prefill-only runs into decode tokens/s.
+
+Quality is always computed resident (where an expert lives does not change what it computes), on
+held-out text: the calibration text that chooses which experts to quantize is training-split text, on
+which a small model's perplexity can even drop when its experts are perturbed. Beside perplexity, the
+KL divergence from the all-bf16 model's predictions on the same text grows with how far quantization
+moves the model, even where perplexity cannot resolve it.
 """
 
 from __future__ import annotations
