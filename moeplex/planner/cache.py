@@ -10,8 +10,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from moeplex.planner.files import write_json_atomically
 from moeplex.store.errors import StoreError
+from moeplex.store.json_files import read_json, write_json_atomically
 
 CACHE_FILE = "planner-cache.json"
 CACHE_VERSION = 1
@@ -45,10 +45,7 @@ class MeasurementCache:
     def _read(self) -> dict:
         if not self.path.is_file():
             return {"version": CACHE_VERSION, "contexts": {}}
-        try:
-            data = json.loads(self.path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise StoreError(f"{self.path}: not valid JSON ({exc}); delete it to measure again") from exc
+        data = read_json(self.path, "delete it to measure again")
         if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("contexts"), dict):
             raise StoreError(f"{self.path}: not a planner cache of version {CACHE_VERSION}; delete it to measure again")
         return data

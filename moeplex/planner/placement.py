@@ -5,19 +5,18 @@ Written atomically (temporary file, fsync, rename) as `<store>/placement.json`; 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from moeplex.model.experts import DenseExperts
-from moeplex.planner.files import write_json_atomically
 from moeplex.quant.apply import quantize_bank_experts
 from moeplex.quant.experts import QuantizedExpert
 from moeplex.quant.formats import GROUP_SIZES, PRECISIONS, UNQUANTIZED
 from moeplex.quant.store_copies import COPY_SOURCE_DTYPE, QuantizedCopies
 from moeplex.store.errors import StoreError
 from moeplex.store.experts import BANK_LAYER, ExpertBank
+from moeplex.store.json_files import read_json, write_json_atomically
 
 PLACEMENT_FILE = "placement.json"
 PLACEMENT_VERSION = 1
@@ -54,10 +53,7 @@ def read_placement(store: str | Path) -> Placement | None:
     path = placement_path(store)
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StoreError(f"{path}: truncated or not valid JSON ({exc}); delete it or run `moeplex plan` again") from exc
+    data = read_json(path, "delete it or run `moeplex plan` again")
     if not isinstance(data, dict) or data.get("version") != PLACEMENT_VERSION:
         raise StoreError(f"{path}: not a placement file of version {PLACEMENT_VERSION}; run `moeplex plan` again")
     try:

@@ -6,12 +6,11 @@ by code that ignores them. The tensors inside a copy are `moeplex.quant.store_co
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 from moeplex.quant.formats import GROUP_SIZES
-from moeplex.store.atomic import replace_file
+from moeplex.store.json_files import read_json, write_json_atomically
 from moeplex.store.errors import StoreError
 from moeplex.store.layout import QUANTIZED_INDEX, quantized_file
 from moeplex.store.manifest import BlobEntry
@@ -38,10 +37,7 @@ def read_copy_index(root: str | Path) -> CopyIndex:
     path = Path(root) / QUANTIZED_INDEX
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StoreError(f"{path}: truncated or not valid JSON ({exc}); delete it and write the copies again") from exc
+    data = read_json(path, "delete it and write the copies again")
     if not isinstance(data, dict) or data.get("version") != COPY_INDEX_VERSION:
         raise StoreError(f"{path}: not an index of quantized copies of version {COPY_INDEX_VERSION}")
     copies = data.get("copies")
@@ -59,10 +55,9 @@ def read_copy_index(root: str | Path) -> CopyIndex:
 def write_copy_index(root: str | Path, index: CopyIndex) -> Path:
     """Replace the store's index in one step (temporary file, fsync, rename)."""
     copies = {fmt: {expert_id: asdict(entry) for expert_id, entry in entries.items()} for fmt, entries in index.items()}
-    text = json.dumps({"version": COPY_INDEX_VERSION, "copies": copies}, indent=1, sort_keys=True) + "\n"
     path = Path(root) / QUANTIZED_INDEX
     path.parent.mkdir(parents=True, exist_ok=True)
-    return replace_file(path, text.encode())
+    return write_json_atomically(path, {"version": COPY_INDEX_VERSION, "copies": copies})
 
 
 def _blob_entry(entry, fmt: str, expert_id: str, path: Path) -> BlobEntry:

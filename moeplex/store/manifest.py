@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moeplex.store.errors import StoreError
+from moeplex.store.json_files import read_json
 from moeplex.store.layout import MANIFEST
 
 SCHEMA_VERSION = 1
@@ -107,10 +108,7 @@ def read_manifest(root: Path) -> Manifest:
     if not path.is_file():
         kind = "folder has no" if Path(root).is_dir() else "store not found; expected"
         raise StoreError(f"{root}: {kind} {MANIFEST}; is this a moeplex store?")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StoreError(f"{path}: truncated or not valid JSON ({exc}); the store is damaged, rewrite it") from exc
+    data = read_json(path, "the store is damaged, rewrite it")
     if not isinstance(data, dict):
         raise StoreError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return Manifest.from_json(data, path)
