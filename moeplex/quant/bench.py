@@ -1,7 +1,7 @@
 """`moeplex bench quant`: decode tokens/s with every expert int4 / int8 against every expert bf16, all resident.
 
 One model is loaded in bf16; the int8 and int4 models share its backbone and hold quantized copies of its
-experts. The three decode the same prompt greedily at batch 1, alternating after a warm-up, under one
+experts (where moeplex's native int4 kernel runs, a second int4 model runs torch's kernel beside it). The three decode the same prompt greedily at batch 1, alternating after a warm-up, under one
 thread count; decode time is a full run's median minus a prefill-only run's median.
 """
 
@@ -18,7 +18,10 @@ from moeplex.model.runtime import MoEModel, load_model
 from moeplex.model.sampling import SamplingParams
 from moeplex.quant.apply import quantize_model_experts
 from moeplex.quant.bench_options import QuantBenchSettings
+from moeplex.quant import native_int4
 from moeplex.quant.formats import QUANTIZED, UNQUANTIZED
+
+TORCH_INT4 = "int4-torch"  # all experts int4 through torch's kernel, where int4 itself runs moeplex's native one
 
 
 def expert_bytes_per_token(model: MoEModel) -> float:
@@ -37,6 +40,9 @@ def run_quant_benchmark(checkpoint: Path, settings: QuantBenchSettings, progress
     models = {UNQUANTIZED: base}
     for precision in reversed(QUANTIZED):  # int8, int4
         models[precision] = quantize_model_experts(base, dict.fromkeys(positions, precision), settings.group_size)
+    if native_int4.available():  # int4 above runs moeplex's kernel; torch's beside it, on the same experts
+        with native_int4.turned_off():
+            models[TORCH_INT4] = quantize_model_experts(base, dict.fromkeys(positions, "int4"), settings.group_size)
     generator = torch.Generator().manual_seed(settings.seed)
     prompts = torch.randint(3, spec.vocab_size, (1, settings.prompt_tokens), generator=generator).tolist()
     bandwidth = streaming_bandwidth()
@@ -55,6 +61,7 @@ def run_quant_benchmark(checkpoint: Path, settings: QuantBenchSettings, progress
         "new_tokens": settings.new_tokens,
         "prompt_tokens": settings.prompt_tokens,
         "group_size": settings.group_size,
+        "int4_kernel": "native" if TORCH_INT4 in models else "torch",
         "stream_bandwidth_gb_s": bandwidth / 1e9,
         "tokens_per_s": {},
         "expert_bytes": {},
@@ -76,7 +83,7 @@ def run_quant_benchmark(checkpoint: Path, settings: QuantBenchSettings, progress
         result["greedy_agreement_vs_bf16"][precision] = _agreement(
             _greedy_tokens(model, prompts, settings.new_tokens), reference_tokens
         )
-    for precision in QUANTIZED:
+    for precision in set(models) - {UNQUANTIZED}:
         result[f"{precision}_speedup_vs_bf16"] = result["tokens_per_s"][precision] / result["tokens_per_s"][UNQUANTIZED]
     return result
 
@@ -100,13 +107,14 @@ def _agreement(tokens: list[int], reference: list[int]) -> float:
 def format_table(result: dict) -> str:
     lines = [
         f"model: {result['model']}, threads: {result['threads']}, int4 group size: {result['group_size']}, "
+        f"int4 kernel: {result.get('int4_kernel', 'torch')}, "
         f"stream bandwidth: {result['stream_bandwidth_gb_s']:.1f} GB/s, batch 1",
-        f"{'experts':>7} {'tok/s':>7} {'speedup':>8} {'expert MB':>10} {'expert MB/tok':>14} {'MB/tok':>7} {'roofline':>9} {'agree':>6}",
+        f"{'experts':>10} {'tok/s':>7} {'speedup':>8} {'expert MB':>10} {'expert MB/tok':>14} {'MB/tok':>7} {'roofline':>9} {'agree':>6}",
     ]
     for precision, tokens_per_s in result["tokens_per_s"].items():
         speedup = result.get(f"{precision}_speedup_vs_bf16", 1.0)
         lines.append(
-            f"{precision:>7} {tokens_per_s:>7.1f} {speedup:>7.2f}x {result['expert_bytes'][precision] / 1e6:>10.1f}"
+            f"{precision:>10} {tokens_per_s:>7.1f} {speedup:>7.2f}x {result['expert_bytes'][precision] / 1e6:>10.1f}"
             f" {result['expert_bytes_per_token'][precision] / 1e6:>14.1f} {result['weight_bytes_per_token'][precision] / 1e6:>7.1f}"
             f" {result['roofline_fraction'][precision]:>9.0%} {result['greedy_agreement_vs_bf16'][precision]:>6.0%}"
         )

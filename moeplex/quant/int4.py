@@ -1,4 +1,4 @@
-"""int4 weight-only format: asymmetric (min/max) per group of `group_size` input channels, tinygemm-packed."""
+"""int4 weight-only format: asymmetric (min/max) per group of `group_size` input channels, packed for a kernel."""
 
 from __future__ import annotations
 
@@ -17,14 +17,15 @@ INT4_OFFSET = 8  # the kernel dequantizes q to (q - 8) * scale + zero
 class Int4Weight:
     """A [N, K] matrix as packed 4-bit values with a scale and zero per (group of K, row)."""
 
-    packed: torch.Tensor  # the kernel's layout (on CPU [N, K/2] uint8)
-    scales_and_zeros: torch.Tensor  # [K/group_size, N, 2] bf16
+    kernel: str  # which kernel's layout `packed` is in (moeplex.quant.kernels.int4_pack)
+    packed: torch.Tensor  # on CPU [N, K/2] uint8
+    scales_and_zeros: torch.Tensor  # bf16 (scale, zero) pairs: [K/group_size, N, 2], or [N, K/group_size, 2] for "native"
     group_size: int
     in_features: int
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] @ W.T -> [M, N], in x's dtype."""
-        return int4_mm(x.to(KERNEL_DTYPE), self.packed, self.group_size, self.scales_and_zeros).to(x.dtype)
+        return int4_mm(x, self.kernel, self.packed, self.group_size, self.scales_and_zeros).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The matrix the kernel multiplies by, [N, K] float32 (read back through the kernel itself)."""
@@ -38,7 +39,7 @@ class Int4Weight:
     @classmethod
     def from_codes(cls, q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> Int4Weight:
         """From unpacked values q [N, K] (0..15) and scales_and_zeros [K/group_size, N, 2], packed for q's device."""
-        return cls(int4_pack(q), scales_and_zeros, group_size, q.shape[1])
+        return cls(*int4_pack(q, scales_and_zeros), group_size, q.shape[1])
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> Int4Weight:

@@ -1,14 +1,18 @@
-"""The torch kernels behind quantized matmuls, with the CPU/CUDA differences kept in this one place.
+"""The kernels behind quantized matmuls, with the CPU/CUDA differences kept in this one place.
 
-int8: `torch._weight_int8pack_mm` (CPU and CUDA). int4: torch's tinygemm format, packed and multiplied by
-`_convert_weight_to_int4pack_for_cpu` / `_weight_int4pack_mm_for_cpu` on CPU and by
-`_convert_weight_to_int4pack` / `_weight_int4pack_mm` on CUDA. Every kernel takes bf16 activations: on
-this CPU their fp32 paths are 10-20x slower, and the CUDA int4 kernel has none.
+int8: `torch._weight_int8pack_mm` (CPU and CUDA). int4, one of three kernels, chosen when a matrix is
+packed for its device: "native" (moeplex's own AVX2 kernel, `native_int4`, on x86-64 CPUs where it
+builds), else torch's tinygemm format, packed and multiplied by `_convert_weight_to_int4pack_for_cpu` /
+`_weight_int4pack_mm_for_cpu` on CPU ("cpu-tinygemm") and by `_convert_weight_to_int4pack` /
+`_weight_int4pack_mm` on CUDA ("cuda-tinygemm"). torch's kernels take bf16 activations: on this CPU their
+fp32 paths are 10-20x slower, and the CUDA int4 kernel has none. The native kernel computes in fp32.
 """
 
 from __future__ import annotations
 
 import torch
+
+from moeplex.quant import native_int4
 
 KERNEL_DTYPE = torch.bfloat16
 INT4_INNER_K_TILES = 8  # tinygemm layout parameter; 2, 4 and 8 measured equal on CPU (docs/quantization.md)
@@ -19,12 +23,16 @@ def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> tor
     return torch._weight_int8pack_mm(x, qweight, scales)
 
 
-def int4_pack(q: torch.Tensor) -> torch.Tensor:
-    """Unsigned 4-bit values q [N, K] (0..15, any integer dtype) -> the device's tinygemm tensor."""
+def int4_pack(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """Unsigned 4-bit values q [N, K] (0..15, any integer dtype) and scales_and_zeros [K/group, N, 2] bf16
+    -> (kernel name, packed weight, scales and zeros) in the layout of the kernel for q's device."""
     if q.device.type == "cuda":
         two_per_byte = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # [N, K/2]
-        return torch._convert_weight_to_int4pack(two_per_byte, cuda_inner_k_tiles(q.shape[1]))
-    return torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), INT4_INNER_K_TILES)  # [N, K/2] uint8
+        return "cuda-tinygemm", torch._convert_weight_to_int4pack(two_per_byte, cuda_inner_k_tiles(q.shape[1])), scales_and_zeros
+    if native_int4.available():
+        return ("native", *native_int4.pack(q, scales_and_zeros))
+    packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), INT4_INNER_K_TILES)  # [N, K/2] uint8
+    return "cpu-tinygemm", packed, scales_and_zeros
 
 
 def cuda_inner_k_tiles(in_features: int) -> int:
@@ -35,8 +43,10 @@ def cuda_inner_k_tiles(in_features: int) -> int:
     raise ValueError(f"CUDA int4 needs a multiple of 32 input channels, not {in_features}")
 
 
-def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """x [M, K] bf16 @ dequantized(packed).T -> [M, N] bf16; scales_and_zeros [K/group_size, N, 2] bf16."""
-    if x.device.type == "cuda":
-        return torch._weight_int4pack_mm(x, packed, group_size, scales_and_zeros)
-    return torch._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
+def int4_mm(x: torch.Tensor, kernel: str, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ dequantized(packed).T -> [M, N], by the kernel that `int4_pack` chose (bf16 out of torch's, fp32 out of native)."""
+    if kernel == "native":
+        return native_int4.matmul(x, packed, group_size, scales_and_zeros)
+    if kernel == "cuda-tinygemm":
+        return torch._weight_int4pack_mm(x.to(KERNEL_DTYPE), packed, group_size, scales_and_zeros)
+    return torch._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE), packed, group_size, scales_and_zeros)

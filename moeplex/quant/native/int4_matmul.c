@@ -1,0 +1,157 @@
+/* moeplex's CPU kernel for int4 weight-only matmuls on x86-64 with AVX2 and FMA.
+
+   out[M, N] = x[M, K] @ W.T, where W[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g], g = k / group.
+
+   Layout (moeplex.quant.native_int4 packs it):
+     packed  [N, K/2] bytes: per row, blocks of 32 input channels in 16 bytes; byte i of a block holds
+             channel i in its low nibble and channel 16 + i in its high nibble.
+     scales_zeros [N, K/group, 2] bf16 bits: (scale, zero) per row and group.
+     x [M, K] and out [M, N]: float32, rows contiguous.
+
+   How: each activation row enters as 16-bit fixed point per group (x = x16 * x_scale, x_scale = max |x|
+   / 32767, an error far below bf16's rounding of the same activations). A weight block is widened
+   once to 16-bit lanes (low nibbles = channels 0..15, high = 16..31: one zero-extension, one mask, one
+   shift) and multiplied into up to four activation rows with integer multiply-adds that are exact in
+   32 bits over a group. Per group, sum_k W x = scale * x_scale * sum_k q x16 + (zero - 8 scale) *
+   sum_k x, accumulated in float vectors (one horizontal sum per output). Seven vector instructions per 32 weights and row, no float conversion in the inner loop.
+   Rows of W are split across OpenMP threads (the same libgomp that torch uses, by soname). */
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 32
+#define ROWS_PER_PASS 4
+#define INT16_LIMIT 32767.0f
+
+int moeplex_int4_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+static inline float bf16_to_float(uint16_t bits) {
+    uint32_t widened = (uint32_t)bits << 16;
+    float value;
+    memcpy(&value, &widened, sizeof value);
+    return value;
+}
+
+/* Per activation row and group: the 16-bit values, their scale and the plain sum of the group. */
+typedef struct {
+    int16_t *values;     /* [M, K] */
+    float *scales;       /* [M, groups] */
+    float *sums;         /* [M, groups] */
+} FixedPointRows;
+
+static int to_fixed_point(const float *x, int64_t m, int64_t in_features, int64_t group, FixedPointRows *rows) {
+    int64_t groups = in_features / group;
+    rows->values = malloc(sizeof(int16_t) * (size_t)(m * in_features + 1));
+    rows->scales = malloc(sizeof(float) * (size_t)(m * groups + 1));
+    rows->sums = malloc(sizeof(float) * (size_t)(m * groups + 1));
+    if (!rows->values || !rows->scales || !rows->sums) return -1;
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t g = 0; g < groups; g++) {
+            const float *xg = x + r * in_features + g * group;
+            int16_t *values = rows->values + r * in_features + g * group;
+            float largest = 0.0f, sum = 0.0f;
+            for (int64_t k = 0; k < group; k++) {
+                largest = fmaxf(largest, fabsf(xg[k]));
+                sum += xg[k];
+            }
+            /* A NaN or infinity in the group makes its outputs NaN, as a float matmul's would be. */
+            int finite = isfinite(sum) && isfinite(largest);
+            double inverse = finite && largest > 0.0f ? INT16_LIMIT / (double)largest : 0.0;
+            for (int64_t k = 0; k < group; k++) values[k] = (int16_t)lrint(finite ? xg[k] * inverse : 0.0);
+            rows->scales[r * groups + g] = finite ? largest / INT16_LIMIT : NAN;
+            rows->sums[r * groups + g] = sum;
+        }
+    return 0;
+}
+
+static void free_fixed_point(FixedPointRows *rows) {
+    free(rows->values);
+    free(rows->scales);
+    free(rows->sums);
+}
+
+__attribute__((target("avx2,fma"))) static inline float horizontal_sum(__m256 v) {
+    __m128 pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    pair = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
+    pair = _mm_add_ss(pair, _mm_movehdup_ps(pair));
+    return _mm_cvtss_f32(pair);
+}
+
+/* One weight row against `rows` (1..4, a constant after inlining) activation rows. */
+__attribute__((target("avx2,fma"), always_inline)) static inline void row_times_activations(
+    const uint8_t *weight_row, const uint16_t *scales_zeros_row, const int16_t *x16, const float *x_scales,
+    const float *x_sums, int64_t in_features, int64_t group, int64_t groups, int rows, float *out, int64_t out_stride) {
+    const __m256i low_nibble = _mm256_set1_epi16(0x0F);
+    __m256 totals[ROWS_PER_PASS];
+    float zero_terms[ROWS_PER_PASS];
+    for (int r = 0; r < rows; r++) {
+        totals[r] = _mm256_setzero_ps();
+        zero_terms[r] = 0.0f;
+    }
+    for (int64_t g = 0; g < groups; g++) {
+        __m256i in_group[ROWS_PER_PASS];
+        for (int r = 0; r < rows; r++) in_group[r] = _mm256_setzero_si256();
+        for (int64_t k = g * group; k < (g + 1) * group; k += BLOCK) {
+            __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(weight_row + k / 2)));
+            __m256i low = _mm256_and_si256(bytes, low_nibble);   /* channels k .. k + 15 */
+            __m256i high = _mm256_srli_epi16(bytes, 4);         /* channels k + 16 .. k + 31 */
+            for (int r = 0; r < rows; r++) {
+                const int16_t *xr = x16 + r * in_features + k;
+                __m256i products = _mm256_madd_epi16(low, _mm256_loadu_si256((const __m256i *)xr));
+                products = _mm256_add_epi32(products, _mm256_madd_epi16(high, _mm256_loadu_si256((const __m256i *)(xr + 16))));
+                in_group[r] = _mm256_add_epi32(in_group[r], products);
+            }
+        }
+        float scale = bf16_to_float(scales_zeros_row[2 * g]);
+        float zero = bf16_to_float(scales_zeros_row[2 * g + 1]);
+        /* Lane sums stay below 2^24 for groups of up to 128 (15 * 32767 * 4 per block), so the
+           conversion to float is exact; no horizontal sum until the row ends. */
+        for (int r = 0; r < rows; r++) {
+            __m256 group_scale = _mm256_set1_ps(scale * x_scales[r * groups + g]);
+            totals[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(in_group[r]), group_scale, totals[r]);
+            zero_terms[r] += (zero - 8.0f * scale) * x_sums[r * groups + g];
+        }
+    }
+    for (int r = 0; r < rows; r++) out[r * out_stride] = horizontal_sum(totals[r]) + zero_terms[r];
+}
+
+__attribute__((target("avx2,fma"))) static void row_times_all_activations(
+    const uint8_t *weight_row, const uint16_t *scales_zeros_row, const FixedPointRows *x, int64_t m,
+    int64_t in_features, int64_t group, int64_t groups, float *out_column, int64_t n) {
+#define PASS(ROWS)                                                                                              \
+    row_times_activations(weight_row, scales_zeros_row, x->values + r * in_features, x->scales + r * groups,    \
+                          x->sums + r * groups, in_features, group, groups, ROWS, out_column + r * n, n)
+    int64_t r = 0;
+    for (; r + ROWS_PER_PASS <= m; r += ROWS_PER_PASS) PASS(ROWS_PER_PASS);
+    switch (m - r) {
+    case 3: PASS(3); break;
+    case 2: PASS(2); break;
+    case 1: PASS(1); break;
+    }
+#undef PASS
+}
+
+/* Returns 0, or -1 when the arguments do not describe this layout (or memory ran out). */
+int moeplex_int4_matmul(const float *x, int64_t m, int64_t in_features, const uint8_t *packed,
+                        const uint16_t *scales_zeros, int64_t n, int64_t group, float *out, int threads) {
+    if (m < 0 || n < 0 || group < BLOCK || group % BLOCK || in_features % group) return -1;
+    int64_t groups = in_features / group;
+    FixedPointRows rows;
+    if (to_fixed_point(x, m, in_features, group, &rows) != 0) {
+        free_fixed_point(&rows);
+        return -1;
+    }
+    int parallel = threads > 1 && n * in_features * (m < ROWS_PER_PASS ? m : ROWS_PER_PASS) >= (1 << 17);
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+    for (int64_t row = 0; row < n; row++)
+        row_times_all_activations(packed + row * (in_features / 2), scales_zeros + row * groups * 2, &rows, m,
+                                  in_features, group, groups, out + row, n);
+    free_fixed_point(&rows);
+    return 0;
+}

@@ -1,0 +1,121 @@
+"""moeplex's own CPU int4 kernel (native/int4_matmul.c): built with the system C compiler on first use, loaded with ctypes.
+
+torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) unpacks at 2-3 GB/s of packed weights on an AVX2
+machine, slower than torch's own bf16 GEMV streams the four times larger bf16 matrix, so int4 barely
+paid there (docs/quantization.md). This kernel widens each 32-channel block once to 16-bit lanes and
+multiplies it into up to four activation rows (in 16-bit fixed point per group) with integer
+multiply-adds. It needs x86-64 with AVX2 and FMA and a C
+compiler; where either is missing, or MOEPLEX_NATIVE_INT4=0, `available()` is False and int4 uses torch's
+kernel. The shared object is cached under $MOEPLEX_CACHE/native, keyed by the source and the compiler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch  # imported before the kernel loads, so the kernel's libgomp is torch's (same soname)
+
+SOURCE = Path(__file__).with_name("native") / "int4_matmul.c"
+BLOCK = 32  # input channels per packed block (16 bytes)
+DISABLE_VARIABLE = "MOEPLEX_NATIVE_INT4"
+
+
+class NativeKernelError(RuntimeError):
+    """The native kernel refused its arguments."""
+
+
+_turned_off = False
+
+
+def available() -> bool:
+    """True when the native kernel is built and loaded for this machine (and not turned off)."""
+    return not _turned_off and _library() is not None
+
+
+@contextlib.contextmanager
+def turned_off():
+    """Within the block, int4 matrices are packed for torch's kernel (for benchmarks that compare the two)."""
+    global _turned_off
+    previous, _turned_off = _turned_off, True
+    try:
+        yield
+    finally:
+        _turned_off = previous
+
+
+def pack(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [N, K] in 0..15 and scales_and_zeros [K/group, N, 2] bf16 -> (packed [N, K/2] uint8, [N, K/group, 2] bf16)."""
+    rows, in_features = q.shape
+    if in_features % BLOCK:
+        raise ValueError(f"the native int4 kernel needs a multiple of {BLOCK} input channels, not {in_features}")
+    blocks = q.to(torch.uint8).reshape(rows, in_features // BLOCK, 2, BLOCK // 2)  # channel i and 16 + i share byte i
+    packed = (blocks[:, :, 0] | blocks[:, :, 1] << 4).reshape(rows, in_features // 2).contiguous()
+    return packed, scales_and_zeros.transpose(0, 1).contiguous()
+
+
+def matmul(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (any float dtype) @ W.T -> [M, N] float32, for W in `pack`'s layout."""
+    library = _library()  # a matrix packed for this kernel can still be multiplied inside `turned_off()`
+    if library is None:
+        raise NativeKernelError("the native int4 kernel is not available on this machine")
+    x = x.float().contiguous()
+    rows = packed.shape[0]
+    out = torch.empty(x.shape[0], rows, dtype=torch.float32)
+    status = library.moeplex_int4_matmul(
+        x.data_ptr(), x.shape[0], x.shape[1], packed.data_ptr(), scales_and_zeros.data_ptr(),
+        rows, group_size, out.data_ptr(), torch.get_num_threads(),
+    )
+    if status != 0:
+        raise NativeKernelError(f"the native int4 kernel refused x {tuple(x.shape)}, weight [{rows}, "
+                                f"{packed.shape[1] * 2}], group size {group_size}")
+    return out
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get(DISABLE_VARIABLE, "1") == "0" or sys.platform != "linux" or os.uname().machine != "x86_64":
+        return None
+    try:
+        library = ctypes.CDLL(str(_built_library()))
+    except (OSError, subprocess.CalledProcessError, FileNotFoundError) as error:
+        warnings.warn(f"moeplex's native int4 kernel could not be built ({error}); int4 uses torch's kernel", stacklevel=2)
+        return None
+    if not library.moeplex_int4_supported():
+        return None
+    library.moeplex_int4_matmul.restype = ctypes.c_int
+    library.moeplex_int4_matmul.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+    ]
+    return library
+
+
+def _built_library() -> Path:
+    """The cached shared object for this source and compiler, compiling it (atomically) if missing."""
+    from moeplex.demo.build import cache_dir
+
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise FileNotFoundError("no C compiler (cc or gcc) on PATH")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + version.encode()).hexdigest()[:16]
+    target = cache_dir() / "native" / f"int4_matmul-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        subprocess.run([compiler, "-O3", "-shared", "-fPIC", "-fopenmp", str(SOURCE), "-o", str(built)],
+                       capture_output=True, text=True, check=True)
+        os.replace(built, target)
+    return target

@@ -1,0 +1,88 @@
+"""moeplex's native CPU int4 kernel: exact to the dequantized matrix, same answers as torch's kernel, clear refusals."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moeplex.quant import native_int4
+from moeplex.quant.int4 import int4_codes, quantize_int4
+
+pytestmark = pytest.mark.skipif(not native_int4.available(), reason="the native int4 kernel needs x86-64 with AVX2 and a C compiler")
+
+
+def dequantized(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The [N, K] float32 matrix that codes and (scale, zero) pairs stand for: (q - 8) * scale + zero."""
+    rows, columns = q.shape
+    scales, zeros = (scales_and_zeros[..., i].T.float()[..., None] for i in (0, 1))  # [N, G, 1]
+    return ((q.float().reshape(rows, -1, group_size) - 8) * scales + zeros).reshape(rows, columns)
+
+
+@pytest.mark.parametrize("rows,columns,group_size", [(64, 128, 32), (96, 256, 64), (200, 384, 128), (32, 1024, 128)])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 9])
+def test_native_matmul_matches_the_dequantized_matrix(rows, columns, group_size, tokens):
+    generator = torch.Generator().manual_seed(rows * tokens + group_size)
+    weight = torch.randn(rows, columns, generator=generator)
+    x = torch.randn(tokens, columns, generator=generator) * torch.rand(tokens, 1, generator=generator) * 10
+    q, scales_and_zeros = int4_codes(weight, group_size)
+    packed, kernel_scales = native_int4.pack(q, scales_and_zeros)
+
+    out = native_int4.matmul(x, packed, group_size, kernel_scales)
+
+    reference = x.double() @ dequantized(q, scales_and_zeros, group_size).double().T
+    magnitude = x.abs().double() @ dequantized(q, scales_and_zeros, group_size).abs().double().T
+    # activations enter as 16-bit fixed point per group: 2^-15 of the group's largest value, far below bf16's 2^-8
+    assert out.shape == (tokens, rows) and out.dtype == torch.float32
+    assert ((out.double() - reference).abs() <= 1e-4 * magnitude + 1e-6).all()
+
+
+def test_native_and_torch_kernels_agree_through_int4_weight():
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(256, 512, generator=generator).bfloat16()
+    native = quantize_int4(weight, 64)
+    with native_int4.turned_off():
+        tinygemm = quantize_int4(weight, 64)
+    assert (native.kernel, tinygemm.kernel) == ("native", "cpu-tinygemm")
+    assert native.nbytes == tinygemm.nbytes
+
+    x = torch.randn(6, 512, generator=generator).bfloat16()
+    a, b = native.matmul(x).float(), tinygemm.matmul(x).float()
+    assert native.matmul(x).dtype == torch.bfloat16
+    assert ((a - b).abs() <= 0.02 * b.abs() + 0.05).all()
+    assert torch.allclose(native.dequantize(), tinygemm.dequantize(), rtol=0.01, atol=0.01)
+
+
+def test_a_nan_activation_makes_its_row_nan_and_leaves_the_others():
+    q, scales_and_zeros = int4_codes(torch.randn(40, 128), 32)
+    packed, kernel_scales = native_int4.pack(q, scales_and_zeros)
+    x = torch.randn(3, 128)
+    x[1, 70] = float("nan")
+    out = native_int4.matmul(x, packed, 32, kernel_scales)
+    assert out[1].isnan().all()
+    assert torch.isfinite(out[[0, 2]]).all()
+
+
+def test_shapes_the_layout_cannot_hold_are_refused():
+    with pytest.raises(ValueError, match="multiple of 32 input channels"):
+        native_int4.pack(torch.zeros(4, 48, dtype=torch.int32), torch.zeros(1, 4, 2, dtype=torch.bfloat16))
+    q, scales_and_zeros = int4_codes(torch.randn(8, 64), 32)
+    packed, kernel_scales = native_int4.pack(q, scales_and_zeros)
+    with pytest.raises(native_int4.NativeKernelError, match="group size 48"):
+        native_int4.matmul(torch.randn(1, 64), packed, 48, kernel_scales)
+
+
+def test_without_a_compiler_int4_falls_back_to_torchs_kernel(tmp_path):
+    script = (
+        "import warnings, torch\n"
+        "from moeplex.quant import native_int4\n"
+        "from moeplex.quant.int4 import quantize_int4\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    weight = quantize_int4(torch.randn(16, 64), 32)\n"
+        "print(weight.kernel, native_int4.available(), any('could not be built' in str(w.message) for w in caught))\n"
+    )
+    environment = {**os.environ, "CC": str(tmp_path / "no-such-compiler"), "MOEPLEX_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, check=True)
+    assert result.stdout.split() == ["cpu-tinygemm", "False", "True"]
