@@ -86,3 +86,16 @@ def test_without_a_compiler_int4_falls_back_to_torchs_kernel(tmp_path):
     environment = {**os.environ, "CC": str(tmp_path / "no-such-compiler"), "MOEPLEX_CACHE": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, check=True)
     assert result.stdout.split() == ["cpu-tinygemm", "False", "True"]
+
+
+def test_kernel_benchmark_times_every_kernel_at_every_token_count(monkeypatch):
+    from moeplex.quant import bench_kernels
+
+    monkeypatch.setattr(bench_kernels, "ROWS", 256)
+    monkeypatch.setattr(bench_kernels, "STACK_BYTES", 4 * 256 * 1024 * 2)  # four small matrices
+    monkeypatch.setattr(bench_kernels, "TOKENS", (1, 3))
+    result = bench_kernels.run_kernel_benchmark(threads=1, group_size=128, repeats=2)
+    assert set(result["kernel_ms"]) == {"bf16", "int4-torch", "int4-native"}
+    assert all(set(times) == {"1", "3"} and min(times.values()) > 0 for times in result["kernel_ms"].values())
+    table = bench_kernels.format_kernel_table(result)
+    assert "[256, 1024]" in table and len(table.splitlines()) == 4

@@ -36,6 +36,7 @@ from moeplex.model.runtime import MoEModel
 from moeplex.model.sampling import SamplingParams
 from moeplex.offload.config import OffloadConfig
 from moeplex.offload.loading import offload_variant_models
+from moeplex.quant import native_int4
 from moeplex.quant.apply import quantize_bank_experts
 from moeplex.quant.bank_calibration import BankCalibration, calibrate_bank
 from moeplex.quant.formats import DEFAULT_GROUP_SIZE, PRECISIONS, UNQUANTIZED
@@ -85,7 +86,9 @@ class StoreMeter:
     def context(self) -> dict:
         """What the measurements depend on besides the configuration (a cache is only valid for the same context)."""
         manifest = hashlib.sha256((self.store / MANIFEST).read_bytes()).hexdigest()
-        return {"manifest_sha256": manifest, "torch": torch.__version__, **dataclasses.asdict(self.settings)}
+        int4_kernel = "native" if native_int4.available() else "torch"  # timings differ by kernel
+        return {"manifest_sha256": manifest, "torch": torch.__version__, "int4_kernel": int4_kernel,
+                **dataclasses.asdict(self.settings)}
 
     def bytes_per_expert(self) -> dict[str, int]:
         """Bytes of one expert in each precision (every expert of a store has one shape)."""

@@ -21,7 +21,7 @@ class QuantBenchSettings:
     seed: int = 0
 
 
-PARTS = ("speed", "selection", "frontier")
+PARTS = ("speed", "kernels", "selection", "frontier")
 FRONTIER_STEPS = 8  # int4 / int8 counts at eighths of the experts: 45 configurations
 FRONTIER_DEVICE_MEMORY = "0.35x"  # of the store all resident in bf16: every backbone, ~1/6 of the bf16 experts
 
@@ -35,7 +35,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     add_threads_option(parser, defaults.threads, applies_to="every precision")
     parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=defaults.group_size, help=f"int4 group size (default: {defaults.group_size})")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
-                        help="speed: all int4 / int8 vs bf16 on the bench model; selection and frontier: on --store (default: all)")
+                        help="speed: all int4 / int8 vs bf16 on the bench model; kernels: one expert matmul in bf16 and both int4 kernels "
+                             "at 1-16 tokens; selection and frontier: on --store (default: all)")
     parser.add_argument("--store", type=Path, help="trained store for selection and frontier (default: the tiny demo family's identity store)")
     parser.add_argument("--frontier-steps", type=int, default=FRONTIER_STEPS, help=f"int4 / int8 counts at multiples of 1/STEPS of the experts (default: {FRONTIER_STEPS})")
     parser.add_argument("--device-memory", default=FRONTIER_DEVICE_MEMORY,
@@ -48,6 +49,8 @@ def run_from_options(args: argparse.Namespace) -> dict:
     result = {}
     if "speed" in args.parts:
         result.update(_run_speed(args))
+    if "kernels" in args.parts:
+        result.update(_run_kernels(args))
     if {"selection", "frontier"} & set(args.parts):
         result.update(_run_store_parts(args))
     write_json(args.json, result)
@@ -67,6 +70,14 @@ def _run_speed(args: argparse.Namespace) -> dict:
     )
     result = run_quant_benchmark(model, settings)
     print(format_table(result))
+    return result
+
+
+def _run_kernels(args: argparse.Namespace) -> dict:
+    from moeplex.quant.bench_kernels import format_kernel_table, run_kernel_benchmark
+
+    result = run_kernel_benchmark(args.threads, args.group_size, args.repeats)
+    print(format_kernel_table(result))
     return result
 
 
