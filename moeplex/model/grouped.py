@@ -10,10 +10,13 @@ torch's `_grouped_mm` on CPU; elsewhere, and for matrices that are not stacked, 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from moeplex.model.bf16_upcast import upcast_pays
 
 
 def grouped_matmul_available(device: torch.device) -> bool:
@@ -78,8 +81,10 @@ class GroupedWeight:
 
 
 def grouped_linear(x: torch.Tensor, weight: GroupedWeight) -> torch.Tensor:
-    """x [T, in] -> [T, out], each row group times its own matrix."""
+    """x [T, in] -> [T, out], each row group times its own matrix (in fp32 where `bf16_upcast` says it pays)."""
     matrices = weight.matrices
+    if isinstance(matrices, torch.Tensor) and upcast_pays(x, x.shape[0] / matrices.shape[0], matrices[0].numel()):
+        return grouped_linear(x.float(), dataclasses.replace(weight, matrices=matrices.float())).to(x.dtype)
     padded = weight.padded
     if isinstance(matrices, torch.Tensor) and padded is not None and padded.padding <= MAX_PADDING.get(x.dtype, DEFAULT_MAX_PADDING):
         return padded_linear(x, matrices, padded)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moeplex.model.bf16_upcast import upcast_pays
 from moeplex.model.grouped import GroupedWeight, grouped_linear
 
 
@@ -13,7 +14,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor | GroupedWeight, bias: torch.Te
 
     A GroupedWeight multiplies each row group by its own matrix (`moeplex.model.grouped`). A single
     row goes through torch.mv: on CPU its bf16 GEMV streams weights about twice as fast as F.linear's
-    M=1 path (`moeplex bench decode` measures the effect end to end).
+    M=1 path (`moeplex bench decode` measures the effect end to end). Many bf16 rows on a CPU that
+    emulates bf16 matmuls are multiplied in fp32 (`moeplex.model.bf16_upcast`).
     """
     if isinstance(weight, GroupedWeight):
         out = grouped_linear(x, weight)
@@ -21,6 +23,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor | GroupedWeight, bias: torch.Te
     if x.shape[0] == 1 and x.device.type == "cpu":
         out = torch.mv(weight, x[0]).unsqueeze(0)
         return out if bias is None else out + bias
+    if upcast_pays(x, x.shape[0], weight.numel()):
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return F.linear(x, weight, bias)
 
 

@@ -1,0 +1,65 @@
+"""bf16 matmuls done in fp32 on CPUs that emulate bf16: when the rule upcasts, and that the answers stay bf16's."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeplex.model import bf16_upcast
+from moeplex.model.grouped import GroupedWeight, group_offsets, grouped_linear
+from moeplex.model.ops import linear
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    monkeypatch.setattr(bf16_upcast, "bf16_matmul_is_emulated", lambda: True)
+
+
+def test_rule_upcasts_from_four_rows_and_later_for_larger_weights(emulated):
+    x = torch.zeros(1, 8, dtype=torch.bfloat16)
+    assert not bf16_upcast.upcast_pays(x, 3, 384 * 128)
+    assert bf16_upcast.upcast_pays(x, 4, 384 * 128)
+    assert not bf16_upcast.upcast_pays(x, 31, 4096 * 1024)
+    assert bf16_upcast.upcast_pays(x, 32, 4096 * 1024)
+    assert not bf16_upcast.upcast_pays(x.float(), 64, 384 * 128)  # fp32 is already fp32
+
+
+def test_rule_never_upcasts_where_bf16_is_native(monkeypatch):
+    monkeypatch.setattr(bf16_upcast, "bf16_matmul_is_emulated", lambda: False)
+    assert not bf16_upcast.upcast_pays(torch.zeros(1, 8, dtype=torch.bfloat16), 1024, 64)
+
+
+def test_the_switch_turns_upcasting_off(monkeypatch):
+    bf16_upcast.bf16_matmul_is_emulated.cache_clear()
+    monkeypatch.setenv(bf16_upcast.DISABLE_VARIABLE, "0")
+    try:
+        assert bf16_upcast.bf16_matmul_is_emulated() is False
+    finally:
+        bf16_upcast.bf16_matmul_is_emulated.cache_clear()
+
+
+def within_bf16_rounding(out: torch.Tensor, reference: torch.Tensor) -> bool:
+    """out is the reference rounded to bf16, give or take a unit in the last place and fp32 summation order."""
+    return bool(((out.double() - reference).abs() <= 2 ** -7 * reference.abs() + 1e-3).all())
+
+
+@pytest.mark.parametrize("rows", [5, 40])
+def test_upcast_linear_gives_the_bf16_answer(emulated, rows):
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=generator).bfloat16()
+    weight = torch.randn(160, 96, generator=generator).bfloat16()
+    bias = torch.randn(160, generator=generator).bfloat16()
+    out = linear(x, weight, bias)
+    assert out.dtype == torch.bfloat16
+    assert within_bf16_rounding(out, x.double() @ weight.double().T + bias.double())
+    assert torch.allclose(out.float(), F.linear(x, weight, bias).float(), rtol=2 ** -7, atol=1e-2)
+
+
+def test_upcast_grouped_linear_gives_each_groups_bf16_answer(emulated):
+    generator = torch.Generator().manual_seed(7)
+    matrices = torch.randn(3, 64, 32, generator=generator).bfloat16()
+    group_of_row = torch.tensor([0] * 6 + [1] * 9 + [2] * 5)
+    x = torch.randn(len(group_of_row), 32, generator=generator).bfloat16()
+    out = grouped_linear(x, GroupedWeight(matrices, group_offsets(group_of_row, 3)))
+    reference = torch.einsum("tk,tnk->tn", x.double(), matrices[group_of_row].double())
+    assert out.dtype == torch.bfloat16
+    assert within_bf16_rounding(out, reference)
