@@ -63,3 +63,21 @@ def test_upcast_grouped_linear_gives_each_groups_bf16_answer(emulated):
     reference = torch.einsum("tk,tnk->tn", x.double(), matrices[group_of_row].double())
     assert out.dtype == torch.bfloat16
     assert within_bf16_rounding(out, reference)
+
+
+def test_bench_prefill_times_both_settings_at_every_prompt_length(tmp_path, capsys):
+    import json
+
+    from moeplex.cli import main
+    from tests.conftest import saved_random_model
+
+    saved_random_model(tmp_path / "model", seed=2)
+    out = tmp_path / "prefill.json"
+    args = ["bench", "prefill", "--model", str(tmp_path / "model"), "--prompt-tokens", "3", "9", "--repeats", "1",
+            "--threads", "1", "--json", str(out)]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert set(result["prefill_seconds"]) == {"fp32_matmuls", "bf16_matmuls"}
+    assert all(set(times) == {"3", "9"} and min(times.values()) > 0 for times in result["prefill_seconds"].values())
+    assert result["bf16_emulated"] == bf16_upcast.bf16_matmul_is_emulated()
+    assert "speedup" in capsys.readouterr().out

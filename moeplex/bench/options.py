@@ -33,6 +33,14 @@ BENCHMARKS = (
         "of the streaming bandwidth measured in the same run.",
     ),
     Benchmark(
+        "prefill",
+        "moeplex.bench.prefill_options",
+        "prompt processing time in bf16, with and without fp32 matmuls on CPUs that emulate bf16",
+        "On one model (the tiny demo base unless --model is given), loaded once in bf16, prefill the same random "
+        "prompt at each length with bf16 matmuls of many rows done in fp32 (what moeplex does on x86 CPUs without "
+        "bf16 instructions) and kept in bf16, in one run, alternating; report medians and their ratio.",
+    ),
+    Benchmark(
         "serve",
         "moeplex.bench.serve_options",
         "throughput and time to first token: 4 variants vs 1 through the HTTP API",

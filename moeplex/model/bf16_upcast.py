@@ -12,6 +12,7 @@ decoding a batch of one streams the weight once, and bf16 reads half the bytes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -21,7 +22,20 @@ import torch
 MIN_ROWS = 4
 WEIGHTS_PER_ROW = 128 * 1024
 NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
-DISABLE_VARIABLE = "MOEPLEX_BF16_UPCAST"  # 0: never upcast (for comparisons)
+DISABLE_VARIABLE = "MOEPLEX_BF16_UPCAST"  # 0: never upcast
+
+_turned_off = False
+
+
+@contextlib.contextmanager
+def turned_off():
+    """Within the block, bf16 matmuls stay in bf16 (for benchmarks that compare the two)."""
+    global _turned_off
+    previous, _turned_off = _turned_off, True
+    try:
+        yield
+    finally:
+        _turned_off = previous
 
 
 @functools.cache
@@ -40,6 +54,6 @@ def bf16_matmul_is_emulated() -> bool:
 def upcast_pays(x: torch.Tensor, rows_per_matrix: float, weights_per_matrix: int) -> bool:
     """Whether multiplying x's rows by bf16 matrices of this size (rows_per_matrix rows each, on average)
     is faster with both in fp32 on this machine."""
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or not bf16_matmul_is_emulated():
+    if _turned_off or x.dtype != torch.bfloat16 or x.device.type != "cpu" or not bf16_matmul_is_emulated():
         return False
     return rows_per_matrix >= max(MIN_ROWS, weights_per_matrix // WEIGHTS_PER_ROW)
