@@ -42,7 +42,7 @@ def test_native_and_torch_kernels_agree_through_int4_weight():
     generator = torch.Generator().manual_seed(3)
     weight = torch.randn(256, 512, generator=generator).bfloat16()
     native = quantize_int4(weight, 64)
-    with native_int4.turned_off():
+    with native_int4.SWITCH.turned_off():
         tinygemm = quantize_int4(weight, 64)
     assert (native.kernel, tinygemm.kernel) == ("native", "cpu-tinygemm")
     assert native.nbytes == tinygemm.nbytes

@@ -1,8 +1,9 @@
 """`moeplex bench quant`: decode tokens/s with every expert int4 / int8 against every expert bf16, all resident.
 
 One model is loaded in bf16; the int8 and int4 models share its backbone and hold quantized copies of its
-experts (where moeplex's native int4 kernel runs, a second int4 model runs torch's kernel beside it). The three decode the same prompt greedily at batch 1, alternating after a warm-up, under one
-thread count; decode time is a full run's median minus a prefill-only run's median.
+experts (where moeplex's native int4 kernel runs, a second int4 model runs torch's kernel beside it).
+All decode the same prompt greedily at batch 1, alternating after a warm-up, under one thread count;
+decode time is a full run's median minus a prefill-only run's median.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from moeplex.bench.measure import alternate, median, streaming_bandwidth
 from moeplex.model.generate import generate
 from moeplex.model.runtime import MoEModel, load_model
 from moeplex.model.sampling import SamplingParams
+from moeplex.quant import native_int4
 from moeplex.quant.apply import quantize_model_experts
 from moeplex.quant.bench_options import QuantBenchSettings
-from moeplex.quant import native_int4
 from moeplex.quant.formats import QUANTIZED, UNQUANTIZED
 
 TORCH_INT4 = "int4-torch"  # all experts int4 through torch's kernel, where int4 itself runs moeplex's native one
@@ -41,7 +42,7 @@ def run_quant_benchmark(checkpoint: Path, settings: QuantBenchSettings, progress
     for precision in reversed(QUANTIZED):  # int8, int4
         models[precision] = quantize_model_experts(base, dict.fromkeys(positions, precision), settings.group_size)
     if native_int4.available():  # int4 above runs moeplex's kernel; torch's beside it, on the same experts
-        with native_int4.turned_off():
+        with native_int4.SWITCH.turned_off():
             models[TORCH_INT4] = quantize_model_experts(base, dict.fromkeys(positions, "int4"), settings.group_size)
     generator = torch.Generator().manual_seed(settings.seed)
     prompts = torch.randint(3, spec.vocab_size, (1, settings.prompt_tokens), generator=generator).tolist()

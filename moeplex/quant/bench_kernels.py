@@ -26,7 +26,7 @@ def run_kernel_benchmark(threads: int, group_size: int, repeats: int, seed: int 
     count = STACK_BYTES // (ROWS * COLUMNS * 2)
     dense = [torch.randn(ROWS, COLUMNS, generator=generator).bfloat16() for _ in range(count)]
     kernels = {"bf16": [lambda x, w=w: F.linear(x, w) for w in dense]}
-    with native_int4.turned_off():
+    with native_int4.SWITCH.turned_off():
         kernels["int4-torch"] = [quantize_int4(w, group_size).matmul for w in dense]
     if native_int4.available():
         kernels["int4-native"] = [quantize_int4(w, group_size).matmul for w in dense]

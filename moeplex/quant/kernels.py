@@ -5,7 +5,8 @@ packed for its device: "native" (moeplex's own AVX2 kernel, `native_int4`, on x8
 builds), else torch's tinygemm format, packed and multiplied by `_convert_weight_to_int4pack_for_cpu` /
 `_weight_int4pack_mm_for_cpu` on CPU ("cpu-tinygemm") and by `_convert_weight_to_int4pack` /
 `_weight_int4pack_mm` on CUDA ("cuda-tinygemm"). torch's kernels take bf16 activations: on this CPU their
-fp32 paths are 10-20x slower, and the CUDA int4 kernel has none. The native kernel computes in fp32.
+fp32 paths are 10-20x slower, and the CUDA int4 kernel has none. The native kernel takes any float
+activations and returns fp32.
 """
 
 from __future__ import annotations

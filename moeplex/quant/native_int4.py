@@ -11,7 +11,6 @@ kernel. The shared object is cached under $MOEPLEX_CACHE/native, keyed by the so
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -25,32 +24,20 @@ from pathlib import Path
 
 import torch  # imported before the kernel loads, so the kernel's libgomp is torch's (same soname)
 
+from moeplex.switch import Switch
+
 SOURCE = Path(__file__).with_name("native") / "int4_matmul.c"
 BLOCK = 32  # input channels per packed block (16 bytes)
-DISABLE_VARIABLE = "MOEPLEX_NATIVE_INT4"
+SWITCH = Switch("MOEPLEX_NATIVE_INT4")  # 0: int4 uses torch's kernel; SWITCH.turned_off(): packs for it within a block
 
 
 class NativeKernelError(RuntimeError):
     """The native kernel refused its arguments."""
 
 
-_turned_off = False
-
-
 def available() -> bool:
-    """True when the native kernel is built and loaded for this machine (and not turned off)."""
-    return not _turned_off and _library() is not None
-
-
-@contextlib.contextmanager
-def turned_off():
-    """Within the block, int4 matrices are packed for torch's kernel (for benchmarks that compare the two)."""
-    global _turned_off
-    previous, _turned_off = _turned_off, True
-    try:
-        yield
-    finally:
-        _turned_off = previous
+    """True when the native kernel is built and loaded for this machine (and not switched off)."""
+    return SWITCH.on and _library() is not None
 
 
 def pack(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +52,7 @@ def pack(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[torch.Tensor,
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     """x [M, K] (any float dtype) @ W.T -> [M, N] float32, for W in `pack`'s layout."""
-    library = _library()  # a matrix packed for this kernel can still be multiplied inside `turned_off()`
+    library = _library()  # a matrix packed for this kernel can still be multiplied while SWITCH is off
     if library is None:
         raise NativeKernelError("the native int4 kernel is not available on this machine")
     x = x.float().contiguous()
@@ -83,7 +70,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_ze
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get(DISABLE_VARIABLE, "1") == "0" or sys.platform != "linux" or os.uname().machine != "x86_64":
+    if sys.platform != "linux" or os.uname().machine != "x86_64":
         return None
     try:
         library = ctypes.CDLL(str(_built_library()))
