@@ -7,34 +7,42 @@ import torch.nn.functional as F
 from moeplex.model import bf16_upcast
 from moeplex.model.grouped import GroupedWeight, group_offsets, grouped_linear
 from moeplex.model.ops import linear
+from moeplex.switch import Switch
 
 
 @pytest.fixture
-def emulated(monkeypatch):
-    monkeypatch.setattr(bf16_upcast, "bf16_matmul_is_emulated", lambda: True)
+def emulated():
+    with bf16_upcast.assumed_emulated():
+        yield
 
 
-def test_rule_upcasts_from_four_rows_and_later_for_larger_weights(emulated):
+def test_rule_upcasts_prefill_sized_row_counts_and_later_for_larger_weights(emulated):
     x = torch.zeros(1, 8, dtype=torch.bfloat16)
-    assert not bf16_upcast.upcast_pays(x, 3, 384 * 128)
-    assert bf16_upcast.upcast_pays(x, 4, 384 * 128)
-    assert not bf16_upcast.upcast_pays(x, 31, 4096 * 1024)
-    assert bf16_upcast.upcast_pays(x, 32, 4096 * 1024)
+    assert not bf16_upcast.upcast_pays(x, 8, 384 * 128)  # a decode batch stays bf16
+    assert not bf16_upcast.upcast_pays(x, 63, 4096 * 1024)
+    assert bf16_upcast.upcast_pays(x, 64, 4096 * 1024)
+    assert not bf16_upcast.upcast_pays(x, 447, 14336 * 4096)
+    assert bf16_upcast.upcast_pays(x, 448, 14336 * 4096)
     assert not bf16_upcast.upcast_pays(x.float(), 64, 384 * 128)  # fp32 is already fp32
 
 
 def test_rule_never_upcasts_where_bf16_is_native(monkeypatch):
     monkeypatch.setattr(bf16_upcast, "bf16_matmul_is_emulated", lambda: False)
-    assert not bf16_upcast.upcast_pays(torch.zeros(1, 8, dtype=torch.bfloat16), 1024, 64)
+    x = torch.zeros(1, 8, dtype=torch.bfloat16)
+    assert not bf16_upcast.upcast_pays(x, 1024, 64)
+    with bf16_upcast.assumed_emulated():  # as benchmarks reproduce an AVX2-only CPU on a newer one
+        assert bf16_upcast.upcast_pays(x, 1024, 64)
+    assert not bf16_upcast.upcast_pays(x, 1024, 64)
 
 
-def test_the_switch_turns_upcasting_off(monkeypatch):
-    bf16_upcast.bf16_matmul_is_emulated.cache_clear()
-    monkeypatch.setenv(bf16_upcast.DISABLE_VARIABLE, "0")
-    try:
-        assert bf16_upcast.bf16_matmul_is_emulated() is False
-    finally:
-        bf16_upcast.bf16_matmul_is_emulated.cache_clear()
+def test_the_switch_turns_upcasting_off(emulated, monkeypatch):
+    x = torch.zeros(1, 8, dtype=torch.bfloat16)
+    with bf16_upcast.SWITCH.turned_off():
+        assert not bf16_upcast.upcast_pays(x, 64, 384 * 128)
+    assert bf16_upcast.upcast_pays(x, 64, 384 * 128)
+    monkeypatch.setenv(bf16_upcast.SWITCH.variable, "0")
+    monkeypatch.setattr(bf16_upcast, "SWITCH", Switch(bf16_upcast.SWITCH.variable))  # as a process started so
+    assert not bf16_upcast.upcast_pays(x, 64, 384 * 128)
 
 
 def within_bf16_rounding(out: torch.Tensor, reference: torch.Tensor) -> bool:
@@ -42,7 +50,7 @@ def within_bf16_rounding(out: torch.Tensor, reference: torch.Tensor) -> bool:
     return bool(((out.double() - reference).abs() <= 2 ** -7 * reference.abs() + 1e-3).all())
 
 
-@pytest.mark.parametrize("rows", [5, 40])
+@pytest.mark.parametrize("rows", [64, 200])
 def test_upcast_linear_gives_the_bf16_answer(emulated, rows):
     generator = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 96, generator=generator).bfloat16()
@@ -57,8 +65,9 @@ def test_upcast_linear_gives_the_bf16_answer(emulated, rows):
 def test_upcast_grouped_linear_gives_each_groups_bf16_answer(emulated):
     generator = torch.Generator().manual_seed(7)
     matrices = torch.randn(3, 64, 32, generator=generator).bfloat16()
-    group_of_row = torch.tensor([0] * 6 + [1] * 9 + [2] * 5)
+    group_of_row = torch.tensor([0] * 70 + [1] * 90 + [2] * 50)
     x = torch.randn(len(group_of_row), 32, generator=generator).bfloat16()
+    assert bf16_upcast.upcast_pays(x, len(x) / 3, 64 * 32)
     out = grouped_linear(x, GroupedWeight(matrices, group_offsets(group_of_row, 3)))
     reference = torch.einsum("tk,tnk->tn", x.double(), matrices[group_of_row].double())
     assert out.dtype == torch.bfloat16
@@ -74,10 +83,13 @@ def test_bench_prefill_times_both_settings_at_every_prompt_length(tmp_path, caps
     saved_random_model(tmp_path / "model", seed=2)
     out = tmp_path / "prefill.json"
     args = ["bench", "prefill", "--model", str(tmp_path / "model"), "--prompt-tokens", "3", "9", "--repeats", "1",
-            "--threads", "1", "--json", str(out)]
+            "--threads", "1", "--as-if-emulated", "--json", str(out)]
     assert main(args) == 0
     result = json.loads(out.read_text())
     assert set(result["prefill_seconds"]) == {"fp32_matmuls", "bf16_matmuls"}
     assert all(set(times) == {"3", "9"} and min(times.values()) > 0 for times in result["prefill_seconds"].values())
     assert result["bf16_emulated"] == bf16_upcast.bf16_matmul_is_emulated()
+    assert result["as_if_emulated"]
+    x = torch.zeros(1, 8, dtype=torch.bfloat16)
+    assert bf16_upcast.upcast_pays(x, 64, 64) == bf16_upcast.bf16_matmul_is_emulated()  # the assumption ended with the run
     assert "speedup" in capsys.readouterr().out

@@ -1,9 +1,10 @@
 """`moeplex bench prefill`: prompt processing time in bf16, with and without fp32 matmuls where bf16 is emulated.
 
 One model, loaded once in bf16, prefills the same random prompt (batch 1, one generated token) with
-`moeplex.model.bf16_upcast` on and inside `turned_off()`, alternating after a warm-up, at each prompt
+`moeplex.model.bf16_upcast` on and inside `SWITCH.turned_off()`, alternating after a warm-up, at each prompt
 length; the table gives medians and their ratio. On a CPU with bf16 instructions both rows run the same
-code (the JSON says whether this machine emulates bf16).
+code (the JSON says whether this machine emulates bf16), unless `as_if_emulated` makes it upcast as if
+it did (`bf16_upcast.assumed_emulated`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class PrefillSettings:
     repeats: int = 5
     threads: int = 2
     seed: int = 0
+    as_if_emulated: bool = False
 
 
 def run_prefill_benchmark(checkpoint: Path, settings: PrefillSettings) -> dict:
@@ -39,20 +41,22 @@ def run_prefill_benchmark(checkpoint: Path, settings: PrefillSettings) -> dict:
 
     def without_upcast(prompts):
         def run():
-            with bf16_upcast.turned_off():
+            with bf16_upcast.SWITCH.turned_off():
                 generate(model, prompts, params)
         return run
 
     seconds = {"fp32_matmuls": {}, "bf16_matmuls": {}}
     for tokens in settings.prompt_tokens:
         prompts = torch.randint(3, model.spec.vocab_size, (1, tokens), generator=generator).tolist()
-        samples = alternate({"fp32_matmuls": with_upcast(prompts), "bf16_matmuls": without_upcast(prompts)}, settings.repeats)
+        with bf16_upcast.assumed_emulated(settings.as_if_emulated):
+            samples = alternate({"fp32_matmuls": with_upcast(prompts), "bf16_matmuls": without_upcast(prompts)}, settings.repeats)
         for name, values in samples.items():
             seconds[name][str(tokens)] = median(values)
     return {
         "model": str(checkpoint),
         "threads": settings.threads,
         "bf16_emulated": bf16_upcast.bf16_matmul_is_emulated(),
+        "as_if_emulated": settings.as_if_emulated,
         "prefill_seconds": seconds,
         "speedup": {tokens: seconds["bf16_matmuls"][tokens] / seconds["fp32_matmuls"][tokens] for tokens in seconds["bf16_matmuls"]},
     }
@@ -61,7 +65,8 @@ def run_prefill_benchmark(checkpoint: Path, settings: PrefillSettings) -> dict:
 def format_table(result: dict) -> str:
     seconds = result["prefill_seconds"]
     lines = [
-        f"model: {result['model']}, threads: {result['threads']}, bf16 emulated on this CPU: {result['bf16_emulated']}, batch 1",
+        f"model: {result['model']}, threads: {result['threads']}, bf16 emulated on this CPU: {result['bf16_emulated']}"
+        f"{' (upcasting as if it were)' if result['as_if_emulated'] else ''}, batch 1",
         f"{'prompt':>7} {'fp32 matmuls ms':>16} {'bf16 matmuls ms':>16} {'speedup':>8}",
     ]
     for tokens, speedup in result["speedup"].items():
