@@ -11,6 +11,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from moeplex.cores import serving_threads
 from moeplex.engine import LLM
 from moeplex.server import BackgroundServer, ServerSettings, create_app
 from moeplex.store import StoreReader
@@ -114,7 +115,7 @@ def test_serve_flags_configure_offloading_and_threads(store, monkeypatch, capsys
     offload = config.offload_config
     assert (offload.device_budget, offload.host_budget, offload.policy, offload.prefetch, offload.prediction) == (2**19, 2 * 2**20, "lru", False, "none")
     assert offload.host_execution == "always"
-    assert main(["serve", str(store)]) == 0 and started[-1].offload_config is None and started[-1].threads is None
+    assert main(["serve", str(store)]) == 0 and started[-1].offload_config is None and started[-1].threads == serving_threads()
 
     expert_mib = StoreReader(store).spec("base").expert_numel * 4 / 2**20
     assert main(["serve", str(store), "--dtype", "fp32", "--expert-budget-mib", "0.01"]) == 1

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from moeplex.bench.options import add_json_option, add_threads_option, publish
+from moeplex.cores import serving_threads
 from moeplex.dtypes import DTYPE_CHOICES, DTYPE_HELP
 
 
@@ -22,7 +23,7 @@ class ServeBenchSettings:
     output_tokens: int = 32
     engine_step_arrivals: int = 120  # requests fed to the engines-alone step comparison, one every 8 steps
     repeats: int = 11  # pairs: one pair moves by 0.1-0.5 on a shared 2-core VM; the median of 11 by much less
-    threads: int = 2
+    threads: int = field(default_factory=serving_threads)  # what `moeplex serve` uses: a core is left to the HTTP server
     dtype: str = "bf16"
     seed: int = 0
 
@@ -36,7 +37,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=defaults.closed_loop_requests, help=f"requests per closed-loop run (default: {defaults.closed_loop_requests})")
     parser.add_argument("--output-tokens", type=int, default=defaults.output_tokens, help=f"tokens per completion (default: {defaults.output_tokens})")
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help=f"alternating runs per system (default: {defaults.repeats})")
-    add_threads_option(parser, defaults.threads)
+    add_threads_option(parser, defaults.threads, "the engine, as many as `moeplex serve` gives it: one per core less one, left to the HTTP server")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=defaults.dtype, help=DTYPE_HELP)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -12,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerBase
 
+from moeplex.cores import available_cores
 
 ROUTER_AUX_LOSS_COEF = 0.02
 
@@ -48,7 +48,7 @@ class TrainingSchedule:
 
 def use_all_cores() -> int:
     """Sets torch's thread count to the cores this process may run on and returns it."""
-    cores = len(os.sched_getaffinity(0))
+    cores = available_cores()
     torch.set_num_threads(cores)
     return cores
 

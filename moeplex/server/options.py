@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from moeplex.cores import serving_threads
 from moeplex.dtypes import DTYPE_CHOICES, DTYPE_HELP, resolve_dtype
 from moeplex.offload.config import HOST_EXECUTION
 
@@ -27,7 +28,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone-budget-mib", type=int, help="device MiB for resident backbones (default: all variants resident)")
     parser.add_argument("--max-pending", type=int, default=256, help="running + waiting sequences before 429 (default: 256)")
     parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds running requests may take to finish on shutdown (default: 30)")
-    parser.add_argument("--threads", type=int, metavar="N", help="torch threads for the engine (torch.set_num_threads; default: torch's default, usually one per core)")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch threads for the engine (torch.set_num_threads; default: one per core less one, left to the HTTP server)")
     offload = parser.add_argument_group(
         "expert offloading",
         "With --expert-budget-mib, routed experts are not all loaded: every variant's experts come from one pool over the "
@@ -68,7 +69,7 @@ def serve_from_options(args: argparse.Namespace) -> None:
         max_pending_requests=args.max_pending,
         expert_budget_bytes=expert_budget,
         offload=None if expert_budget is None else offload_config(args, expert_budget),
-        threads=args.threads,
+        threads=serving_threads() if args.threads is None else args.threads,
     )
     settings = ServerSettings(api_key=args.api_key, drain_timeout_seconds=args.drain_timeout)
     print(f"serving {', '.join(reader.variants)} from {args.store} on http://{args.host}:{args.port}/v1", flush=True)
