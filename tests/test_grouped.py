@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moeplex.model import experts as experts_module
 from moeplex.model import grouped
 from moeplex.model.experts import DenseExperts, group_tokens_by_expert
 from moeplex.model.grouped import GroupedWeight, PaddedRows, group_offsets, grouped_linear
@@ -47,7 +48,28 @@ def test_padded_batch_matches_one_matmul_per_group(monkeypatch, sizes, dtype):
     out = grouped_linear(x, GroupedWeight(stack, torch.tensor(offsets, dtype=torch.int32), offsets, padded))
     tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(out, reference(x, list(stack), sizes), rtol=tolerance, atol=tolerance)
-    assert calls == ([1] if padded.padding <= grouped.MAX_PADDING.get(dtype, grouped.DEFAULT_MAX_PADDING) else [])
+    assert calls == ([1] if padded.padding <= grouped.max_padding(dtype) else [])
+
+
+@pytest.mark.parametrize("weight_first", [True, False])
+def test_one_row_per_group_matches_one_matmul_per_group(monkeypatch, weight_first):
+    """A decode step of one sequence per variant: a batched GEMV, weights first or rows first."""
+    monkeypatch.setattr(grouped, "weight_first_pays", lambda x: weight_first)
+    sizes = [1, 1, 1, 1]
+    offsets = torch.tensor(sizes).cumsum(0).tolist()
+    x = torch.randn(len(sizes), 32, dtype=torch.bfloat16)
+    stack = torch.randn(len(sizes), 48, 32, dtype=torch.bfloat16)
+    out = padded_linear(x, stack, PaddedRows.of(offsets, "cpu"))
+    assert out.shape == (len(sizes), 48) and out.is_contiguous()
+    torch.testing.assert_close(out, reference(x, list(stack), sizes), rtol=1e-2, atol=1e-2)
+
+
+def test_weight_first_only_for_bf16_on_a_cpu_that_runs_it_natively(monkeypatch):
+    monkeypatch.setattr(grouped, "bf16_matmul_is_emulated", lambda: False)
+    assert grouped.weight_first_pays(torch.ones(1, dtype=torch.bfloat16))
+    assert not grouped.weight_first_pays(torch.ones(1))
+    monkeypatch.setattr(grouped, "bf16_matmul_is_emulated", lambda: True)
+    assert not grouped.weight_first_pays(torch.ones(1, dtype=torch.bfloat16))
 
 
 def test_no_padded_layout_without_rows():
@@ -65,3 +87,30 @@ def test_grouped_experts_match_the_loop_over_experts(intermediate):
     for expert, rows, slots in group_tokens_by_expert(expert_ids):
         expected.index_add_(0, rows, swiglu_mlp(hidden[rows], gate_up[expert], down[expert]) * weights.flatten()[slots, None])
     torch.testing.assert_close(DenseExperts([gate_up], [down])(0, hidden, expert_ids, weights), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_gathered_expert_gemv_matches_the_loop_over_experts(dtype, tokens):
+    experts, top_k, hidden_size, intermediate = 6, 2, 16, 24
+    gate_up = torch.randn(experts, 2 * intermediate, hidden_size, dtype=dtype)
+    down = torch.randn(experts, hidden_size, intermediate, dtype=dtype)
+    hidden = torch.randn(tokens, hidden_size, dtype=dtype)
+    expert_ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k)
+    expected = torch.zeros_like(hidden)
+    for expert, rows, slots in group_tokens_by_expert(expert_ids):
+        expected.index_add_(0, rows, (swiglu_mlp(hidden[rows], gate_up[expert], down[expert]) * weights.flatten()[slots, None]).to(dtype))
+    tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-5
+    scale = expected.abs().max()
+    torch.testing.assert_close(experts_module.gathered_expert_gemv(hidden, expert_ids, weights, gate_up, down) / scale, expected / scale, rtol=tolerance, atol=tolerance)
+
+
+def test_gathered_gemv_only_for_small_copies_where_weight_first_pays(monkeypatch):
+    monkeypatch.setattr(experts_module, "weight_first_pays", lambda x: True)
+    small_gate_up, small_down = torch.empty(4, 512, 128, dtype=torch.bfloat16), torch.empty(4, 128, 256, dtype=torch.bfloat16)  # 192 KiB
+    hidden = torch.empty(1, 128, dtype=torch.bfloat16)
+    assert experts_module.gathered_gemv_pays(hidden, torch.zeros(8, 2, dtype=torch.long), small_gate_up, small_down)  # 3 MiB
+    assert not experts_module.gathered_gemv_pays(hidden, torch.zeros(9, 2, dtype=torch.long), small_gate_up, small_down)
+    monkeypatch.setattr(experts_module, "weight_first_pays", lambda x: False)
+    assert not experts_module.gathered_gemv_pays(hidden, torch.zeros(1, 2, dtype=torch.long), small_gate_up, small_down)

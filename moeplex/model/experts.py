@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from moeplex.model.grouped import GroupedWeight, group_offsets, grouped_linear, grouped_matmul_available
+from moeplex.model.grouped import GroupedWeight, group_offsets, grouped_linear, grouped_matmul_available, weight_first_pays
 from moeplex.model.ops import swiglu_mlp
 
 
@@ -71,6 +71,41 @@ def grouped_experts(
     return out
 
 
+# Bytes of expert copies (one per token and choice) up to which gathering them beats a grouped matmul. Timed
+# with 1 and 2 threads on the 2-core Xeon of docs/benchmarks.md (bf16, top-2, 1-8 tokens): the gathered GEMVs
+# took about half the time for the tiny demo model's 192 KiB experts and still less for 768 KiB ones up to
+# 2-4 copies, and more beyond: there each copy costs more than a matmul call saves.
+MAX_GATHERED_BYTES = 3 * 2**20
+
+
+def gathered_gemv_pays(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether `gathered_expert_gemv` is the faster way for these tokens: bf16 on a CPU that runs it natively, small copies."""
+    copy_bytes = expert_ids.numel() * (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
+    return weight_first_pays(hidden) and copy_bytes <= MAX_GATHERED_BYTES
+
+
+def gathered_expert_gemv(
+    hidden: torch.Tensor,  # [T, H]
+    expert_ids: torch.Tensor,  # [T, k], rows of the stacks
+    routing_weights: torch.Tensor,  # [T, k]
+    gate_up: torch.Tensor,  # [N, 2I, H]
+    down: torch.Tensor,  # [N, H, I]
+) -> torch.Tensor:
+    """Weighted SwiGLU outputs [T, H] as two batched GEMVs, each (token, choice) times its own gathered expert.
+
+    A decode step routes a few tokens over small experts; where each matmul call has a fixed cost (oneDNN's
+    bf16), copying the chosen experts and running one weight-first batched GEMV per matrix beats a grouped
+    matmul that calls once per expert (`moeplex.model.grouped.weight_first_pays`). No sorting is needed.
+    """
+    tokens, top_k = expert_ids.shape
+    flat = expert_ids.flatten()  # [T*k]
+    x = hidden.repeat_interleave(top_k, dim=0).unsqueeze(-1)  # [T*k, H, 1]
+    gate, up = torch.bmm(gate_up.index_select(0, flat), x).squeeze(-1).chunk(2, dim=-1)  # [T*k, I] each
+    y = torch.bmm(down.index_select(0, flat), (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # [T*k, H]
+    weighted = (y * routing_weights.flatten()[:, None]).to(hidden.dtype)  # rounded as each term of the index_add_ path
+    return weighted.view(tokens, top_k, -1).sum(1)
+
+
 class DenseExperts:
     """All experts resident, as per-layer stacks gate_up [E, 2I, H] and down [E, H, I]."""
 
@@ -78,12 +113,15 @@ class DenseExperts:
         self.gate_up, self.down = gate_up, down
 
     def __call__(self, layer, hidden, expert_ids, routing_weights):
+        gate_up, down = self.gate_up[layer], self.down[layer]
+        if gathered_gemv_pays(hidden, expert_ids, gate_up, down):
+            return gathered_expert_gemv(hidden, expert_ids, routing_weights, gate_up, down)
         if grouped_matmul_available(hidden.device):
-            return grouped_experts(hidden, expert_ids, routing_weights, self.gate_up[layer], self.down[layer])
+            return grouped_experts(hidden, expert_ids, routing_weights, gate_up, down)
         out = torch.zeros_like(hidden)
         flat_weights = routing_weights.flatten()
         for expert, rows, slots in group_tokens_by_expert(expert_ids):
-            y = swiglu_mlp(hidden[rows], self.gate_up[layer][expert], self.down[layer][expert])  # [n, H]
+            y = swiglu_mlp(hidden[rows], gate_up[expert], down[expert])  # [n, H]
             out.index_add_(0, rows, (y * flat_weights[slots, None]).to(out.dtype))
         return out
 

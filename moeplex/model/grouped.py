@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moeplex.model.bf16_upcast import upcast_pays
+from moeplex.model.bf16_upcast import bf16_matmul_is_emulated, upcast_pays
 
 
 def grouped_matmul_available(device: torch.device) -> bool:
@@ -31,10 +31,19 @@ def group_offsets(group_of_row: torch.Tensor, num_groups: int) -> torch.Tensor:
 
 # How many padded rows per real row a batched matmul may compute before `_grouped_mm` is the faster call.
 # Timed on the 2-core AVX2 VM (4 groups, 128-4096 x 128-256 matrices): in fp32 the batched matmul beat
-# `_grouped_mm` even at 1.5 padded rows per row; in bf16 the two were equal without padding and the
-# batched one lost beyond that.
-MAX_PADDING = {torch.float32: 2.0}
-DEFAULT_MAX_PADDING = 1.0
+# `_grouped_mm` even at 1.5 padded rows per row; in bf16, which that CPU emulates, the two were equal
+# without padding and the batched one lost beyond that. Where bf16 runs natively (oneDNN), each matmul
+# call costs enough that one padded batch of up to 4x the rows beats a call per group (the engine step
+# ratio of `moeplex bench serve` on the 2-core Xeon of docs/benchmarks.md, with 4.0 against 1.0).
+FP32_MAX_PADDING = 2.0
+BF16_MAX_PADDING = {"native": 4.0, "emulated": 1.0}
+
+
+def max_padding(dtype: torch.dtype) -> float:
+    """Padded rows per real row up to which the padded batch runs instead of `_grouped_mm`."""
+    if dtype == torch.float32:
+        return FP32_MAX_PADDING
+    return BF16_MAX_PADDING["emulated" if bf16_matmul_is_emulated() else "native"]
 
 
 @dataclass
@@ -86,7 +95,7 @@ def grouped_linear(x: torch.Tensor, weight: GroupedWeight) -> torch.Tensor:
     if isinstance(matrices, torch.Tensor) and upcast_pays(x, x.shape[0] / matrices.shape[0], matrices[0].numel()):
         return grouped_linear(x.float(), dataclasses.replace(weight, matrices=matrices.float())).to(x.dtype)
     padded = weight.padded
-    if isinstance(matrices, torch.Tensor) and padded is not None and padded.padding <= MAX_PADDING.get(x.dtype, DEFAULT_MAX_PADDING):
+    if isinstance(matrices, torch.Tensor) and padded is not None and padded.padding <= max_padding(x.dtype):
         return padded_linear(x, matrices, padded)
     if isinstance(matrices, torch.Tensor) and grouped_matmul_available(x.device):
         transposed = matrices.transpose(1, 2)
@@ -103,11 +112,26 @@ def grouped_linear(x: torch.Tensor, weight: GroupedWeight) -> torch.Tensor:
 
 def padded_linear(x: torch.Tensor, matrices: torch.Tensor, padded: PaddedRows) -> torch.Tensor:
     """x [T, in] -> [T, out] as one batched matmul of the groups' rows (zero-padded to one count) and stacked matrices."""
-    transposed = matrices[padded.first : padded.first + padded.count].transpose(1, 2)  # [G, in, out], a view
+    used = matrices[padded.first : padded.first + padded.count]  # [G, out, in], a view
+    if padded.index is None and padded.rows == 1 and weight_first_pays(x):  # a batched GEMV: every group's one row
+        return torch.bmm(used, x.unsqueeze(-1)).squeeze(-1)
+    transposed = used.transpose(1, 2)  # [G, in, out]
     if padded.index is None:
         return torch.bmm(x.view(padded.count, padded.rows, -1), transposed).flatten(0, 1)
     batch = x.new_zeros(padded.count * padded.rows, x.shape[1]).index_copy_(0, padded.index, x)
     return torch.bmm(batch.view(padded.count, padded.rows, -1), transposed).flatten(0, 1).index_select(0, padded.index)
+
+
+def weight_first_pays(x: torch.Tensor) -> bool:
+    """Whether a batch of one row per matrix runs faster as matrices @ rows than as rows @ matrices.T.
+
+    As for torch.mv against F.linear with one row (`moeplex.model.ops.linear`): where a CPU runs bf16
+    matmuls natively (oneDNN on AVX512-BF16 or AMX), timing 2-8 groups of the demo models' matrices and
+    of 4096-wide ones, the weight-first batch was the faster one almost everywhere, most for wide
+    matrices such as the lm_heads of a decode step that mixes variants (`moeplex bench serve` shows the
+    engine step ratio); in fp32 it was slower, and CPUs that emulate bf16 were not measured.
+    """
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not bf16_matmul_is_emulated()
 
 
 def _kernel_aligned(t: torch.Tensor) -> bool:
