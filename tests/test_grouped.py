@@ -51,16 +51,16 @@ def test_padded_batch_matches_one_matmul_per_group(monkeypatch, sizes, dtype):
     assert calls == ([1] if padded.padding <= grouped.max_padding(dtype) else [])
 
 
+@pytest.mark.parametrize("sizes", [[1, 1, 1, 1], [1, 0, 1, 1], [0, 1, 0, 1]])
 @pytest.mark.parametrize("weight_first", [True, False])
-def test_one_row_per_group_matches_one_matmul_per_group(monkeypatch, weight_first):
-    """A decode step of one sequence per variant: a batched GEMV, weights first or rows first."""
+def test_one_row_per_group_matches_one_matmul_per_group(monkeypatch, weight_first, sizes):
+    """A decode step of one sequence per variant (some variants without one): a batched GEMV, weights or rows first."""
     monkeypatch.setattr(grouped, "weight_first_pays", lambda x: weight_first)
-    sizes = [1, 1, 1, 1]
     offsets = torch.tensor(sizes).cumsum(0).tolist()
-    x = torch.randn(len(sizes), 32, dtype=torch.bfloat16)
+    x = torch.randn(sum(sizes), 32, dtype=torch.bfloat16)
     stack = torch.randn(len(sizes), 48, 32, dtype=torch.bfloat16)
     out = padded_linear(x, stack, PaddedRows.of(offsets, "cpu"))
-    assert out.shape == (len(sizes), 48) and out.is_contiguous()
+    assert out.shape == (sum(sizes), 48) and out.is_contiguous()
     torch.testing.assert_close(out, reference(x, list(stack), sizes), rtol=1e-2, atol=1e-2)
 
 

@@ -113,13 +113,12 @@ def grouped_linear(x: torch.Tensor, weight: GroupedWeight) -> torch.Tensor:
 def padded_linear(x: torch.Tensor, matrices: torch.Tensor, padded: PaddedRows) -> torch.Tensor:
     """x [T, in] -> [T, out] as one batched matmul of the groups' rows (zero-padded to one count) and stacked matrices."""
     used = matrices[padded.first : padded.first + padded.count]  # [G, out, in], a view
-    if padded.index is None and padded.rows == 1 and weight_first_pays(x):  # a batched GEMV: every group's one row
-        return torch.bmm(used, x.unsqueeze(-1)).squeeze(-1)
-    transposed = used.transpose(1, 2)  # [G, in, out]
-    if padded.index is None:
-        return torch.bmm(x.view(padded.count, padded.rows, -1), transposed).flatten(0, 1)
-    batch = x.new_zeros(padded.count * padded.rows, x.shape[1]).index_copy_(0, padded.index, x)
-    return torch.bmm(batch.view(padded.count, padded.rows, -1), transposed).flatten(0, 1).index_select(0, padded.index)
+    batch = x if padded.index is None else x.new_zeros(padded.count * padded.rows, x.shape[1]).index_copy_(0, padded.index, x)
+    if padded.rows == 1 and weight_first_pays(x):  # a batched GEMV: one row per group (zeros for empty groups)
+        out = torch.bmm(used, batch.unsqueeze(-1)).squeeze(-1)
+    else:
+        out = torch.bmm(batch.view(padded.count, padded.rows, -1), used.transpose(1, 2)).flatten(0, 1)
+    return out if padded.index is None else out.index_select(0, padded.index)
 
 
 def weight_first_pays(x: torch.Tensor) -> bool:
