@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from moeplex.quant import native_int4
+from moeplex.quant import kernels
 from moeplex.quant.int4 import int4_codes, quantize_int4
+from moeplex.quant.kernels import native_int4_forced
 
 pytestmark = pytest.mark.skipif(not native_int4.available(), reason="the native int4 kernel needs x86-64 with AVX2 and a C compiler")
 
@@ -41,7 +43,8 @@ def test_native_matmul_matches_the_dequantized_matrix(rows, columns, group_size,
 def test_native_and_torch_kernels_agree_through_int4_weight():
     generator = torch.Generator().manual_seed(3)
     weight = torch.randn(256, 512, generator=generator).bfloat16()
-    native = quantize_int4(weight, 64)
+    with native_int4_forced():
+        native = quantize_int4(weight, 64)
     with native_int4.SWITCH.turned_off():
         tinygemm = quantize_int4(weight, 64)
     assert (native.kernel, tinygemm.kernel) == ("native", "cpu-tinygemm")
@@ -99,3 +102,21 @@ def test_kernel_benchmark_times_every_kernel_at_every_token_count(monkeypatch):
     assert all(set(times) == {"1", "3"} and min(times.values()) > 0 for times in result["kernel_ms"].values())
     table = bench_kernels.format_kernel_table(result)
     assert "[256, 1024]" in table and len(table.splitlines()) == 4
+
+
+@pytest.mark.parametrize("torch_vectorized", [True, False])
+def test_int4_packs_for_native_only_where_torchs_kernel_is_not_vectorized(monkeypatch, torch_vectorized):
+    monkeypatch.setattr(kernels, "torch_int4_is_vectorized", lambda: torch_vectorized)
+    weight = torch.randn(64, 128).bfloat16()
+    assert quantize_int4(weight, 32).kernel == ("cpu-tinygemm" if torch_vectorized else "native")
+    with native_int4_forced():
+        assert quantize_int4(weight, 32).kernel == "native"
+    with native_int4.SWITCH.turned_off(), native_int4_forced():
+        assert quantize_int4(weight, 32).kernel == "cpu-tinygemm"
+
+
+def test_torchs_dispatch_level_decides(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not kernels.torch_int4_is_vectorized()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert kernels.torch_int4_is_vectorized()

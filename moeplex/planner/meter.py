@@ -36,10 +36,10 @@ from moeplex.model.runtime import MoEModel
 from moeplex.model.sampling import SamplingParams
 from moeplex.offload.config import OffloadConfig
 from moeplex.offload.loading import offload_variant_models
-from moeplex.quant import native_int4
 from moeplex.quant.apply import quantize_bank_experts
 from moeplex.quant.bank_calibration import BankCalibration, calibrate_bank
 from moeplex.quant.formats import DEFAULT_GROUP_SIZE, PRECISIONS, UNQUANTIZED
+from moeplex.quant.kernels import uses_native_int4
 from moeplex.quant.sizes import expert_nbytes
 from moeplex.store.layout import MANIFEST, TOKENIZER
 from moeplex.store.reader import StoreReader
@@ -86,7 +86,7 @@ class StoreMeter:
     def context(self) -> dict:
         """What the measurements depend on besides the configuration (a cache is only valid for the same context)."""
         manifest = hashlib.sha256((self.store / MANIFEST).read_bytes()).hexdigest()
-        int4_kernel = "native" if native_int4.available() else "torch"  # timings differ by kernel
+        int4_kernel = "native" if uses_native_int4() else "torch"  # timings differ by kernel
         return {"manifest_sha256": manifest, "torch": torch.__version__, "int4_kernel": int4_kernel,
                 **dataclasses.asdict(self.settings)}
 

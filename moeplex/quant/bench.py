@@ -1,7 +1,8 @@
 """`moeplex bench quant`: decode tokens/s with every expert int4 / int8 against every expert bf16, all resident.
 
 One model is loaded in bf16; the int8 and int4 models share its backbone and hold quantized copies of its
-experts (where moeplex's native int4 kernel runs, a second int4 model runs torch's kernel beside it).
+experts (where moeplex's native int4 kernel is built, a second int4 model runs the int4 kernel that int4
+itself does not use here: `moeplex.quant.kernels.uses_native_int4`).
 All decode the same prompt greedily at batch 1, alternating after a warm-up, under one thread count;
 decode time is a full run's median minus a prefill-only run's median.
 """
@@ -21,8 +22,10 @@ from moeplex.quant import native_int4
 from moeplex.quant.apply import quantize_model_experts
 from moeplex.quant.bench_options import QuantBenchSettings
 from moeplex.quant.formats import QUANTIZED, UNQUANTIZED
+from moeplex.quant.kernels import native_int4_forced, uses_native_int4
 
 TORCH_INT4 = "int4-torch"  # all experts int4 through torch's kernel, where int4 itself runs moeplex's native one
+NATIVE_INT4 = "int4-native"  # all experts int4 through moeplex's native kernel, where int4 itself runs torch's
 
 
 def expert_bytes_per_token(model: MoEModel) -> float:
@@ -41,9 +44,10 @@ def run_quant_benchmark(checkpoint: Path, settings: QuantBenchSettings, progress
     models = {UNQUANTIZED: base}
     for precision in reversed(QUANTIZED):  # int8, int4
         models[precision] = quantize_model_experts(base, dict.fromkeys(positions, precision), settings.group_size)
-    if native_int4.available():  # int4 above runs moeplex's kernel; torch's beside it, on the same experts
-        with native_int4.SWITCH.turned_off():
-            models[TORCH_INT4] = quantize_model_experts(base, dict.fromkeys(positions, "int4"), settings.group_size)
+    if native_int4.available():  # beside int4 (the kernel `uses_native_int4` picks here), the other int4 kernel on the same experts
+        other, block = (TORCH_INT4, native_int4.SWITCH.turned_off) if uses_native_int4() else (NATIVE_INT4, native_int4_forced)
+        with block():
+            models[other] = quantize_model_experts(base, dict.fromkeys(positions, "int4"), settings.group_size)
     generator = torch.Generator().manual_seed(settings.seed)
     prompts = torch.randint(3, spec.vocab_size, (1, settings.prompt_tokens), generator=generator).tolist()
     bandwidth = streaming_bandwidth()
@@ -62,7 +66,7 @@ def run_quant_benchmark(checkpoint: Path, settings: QuantBenchSettings, progress
         "new_tokens": settings.new_tokens,
         "prompt_tokens": settings.prompt_tokens,
         "group_size": settings.group_size,
-        "int4_kernel": "native" if TORCH_INT4 in models else "torch",
+        "int4_kernel": "native" if uses_native_int4() else "torch",
         "stream_bandwidth_gb_s": bandwidth / 1e9,
         "tokens_per_s": {},
         "expert_bytes": {},

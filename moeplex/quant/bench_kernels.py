@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from moeplex.bench.measure import alternate, median
 from moeplex.quant import native_int4
 from moeplex.quant.int4 import quantize_int4
+from moeplex.quant.kernels import native_int4_forced
 
 ROWS, COLUMNS = 4096, 1024  # the bench model's fused gate_up
 STACK_BYTES = 256 * 2**20  # bf16 matrices in the stack: well past any L3
@@ -29,7 +30,8 @@ def run_kernel_benchmark(threads: int, group_size: int, repeats: int, seed: int 
     with native_int4.SWITCH.turned_off():
         kernels["int4-torch"] = [quantize_int4(w, group_size).matmul for w in dense]
     if native_int4.available():
-        kernels["int4-native"] = [quantize_int4(w, group_size).matmul for w in dense]
+        with native_int4_forced():
+            kernels["int4-native"] = [quantize_int4(w, group_size).matmul for w in dense]
 
     milliseconds: dict[str, dict[str, float]] = {name: {} for name in kernels}
     for tokens in TOKENS:

@@ -2,14 +2,16 @@
 
 int8: `torch._weight_int8pack_mm` (CPU and CUDA). int4, one of three kernels, chosen when a matrix is
 packed for its device: "native" (moeplex's own AVX2 kernel, `native_int4`, on x86-64 CPUs where it
-builds), else torch's tinygemm format, packed and multiplied by `_convert_weight_to_int4pack_for_cpu` /
-`_weight_int4pack_mm_for_cpu` on CPU ("cpu-tinygemm") and by `_convert_weight_to_int4pack` /
-`_weight_int4pack_mm` on CUDA ("cuda-tinygemm"). torch's kernels take bf16 activations: on this CPU their
-fp32 paths are 10-20x slower, and the CUDA int4 kernel has none. The native kernel takes any float
-activations and returns fp32.
+builds and where torch's kernel lacks its AVX-512 code: `uses_native_int4`), else torch's tinygemm format, packed and
+multiplied by `_convert_weight_to_int4pack_for_cpu` / `_weight_int4pack_mm_for_cpu` on CPU
+("cpu-tinygemm") and by `_convert_weight_to_int4pack` / `_weight_int4pack_mm` on CUDA ("cuda-tinygemm").
+torch's kernels take bf16 activations: on this CPU their fp32 paths are 10-20x slower, and the CUDA int4
+kernel has none. The native kernel takes any float activations and returns fp32.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -17,6 +19,8 @@ from moeplex.quant import native_int4
 
 KERNEL_DTYPE = torch.bfloat16
 INT4_INNER_K_TILES = 8  # tinygemm layout parameter; 2, 4 and 8 measured equal on CPU (docs/quantization.md)
+
+_native_forced = False
 
 
 def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -30,10 +34,37 @@ def int4_pack(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[str, tor
     if q.device.type == "cuda":
         two_per_byte = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # [N, K/2]
         return "cuda-tinygemm", torch._convert_weight_to_int4pack(two_per_byte, cuda_inner_k_tiles(q.shape[1])), scales_and_zeros
-    if native_int4.available():
+    if uses_native_int4():
         return ("native", *native_int4.pack(q, scales_and_zeros))
     packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), INT4_INNER_K_TILES)  # [N, K/2] uint8
     return "cpu-tinygemm", packed, scales_and_zeros
+
+
+def uses_native_int4() -> bool:
+    """Whether int4 matrices are packed for moeplex's native kernel: it is built here and torch's CPU kernel
+    runs without its AVX-512 code (or `native_int4_forced` is in force).
+
+    Which one streams weights faster depends on the code torch dispatches to (`moeplex bench quant`,
+    docs/quantization.md): on the AVX2 EPYC VM torch's kernel unpacked at 2-3 GB/s and the native one was
+    the faster; on the 2-core Xeon, where torch dispatches AVX-512 kernels, torch's was.
+    """
+    return native_int4.available() and (_native_forced or not torch_int4_is_vectorized())
+
+
+def torch_int4_is_vectorized() -> bool:
+    """Whether torch runs its AVX-512 kernels here (`ATEN_CPU_CAPABILITY` can lower that)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+@contextlib.contextmanager
+def native_int4_forced():
+    """Within the block, int4 matrices are packed for the native kernel wherever it is built (benchmarks compare both)."""
+    global _native_forced
+    previous, _native_forced = _native_forced, True
+    try:
+        yield
+    finally:
+        _native_forced = previous
 
 
 def cuda_inner_k_tiles(in_features: int) -> int:
