@@ -104,11 +104,11 @@ def test_kernel_benchmark_times_every_kernel_at_every_token_count(monkeypatch):
     assert "[256, 1024]" in table and len(table.splitlines()) == 4
 
 
-@pytest.mark.parametrize("torch_vectorized", [True, False])
-def test_int4_packs_for_native_only_where_torchs_kernel_is_not_vectorized(monkeypatch, torch_vectorized):
-    monkeypatch.setattr(kernels, "torch_int4_is_vectorized", lambda: torch_vectorized)
+@pytest.mark.parametrize("torch_avx512", [True, False])
+def test_int4_packs_for_native_only_where_torch_runs_without_avx512(monkeypatch, torch_avx512):
+    monkeypatch.setattr(kernels, "torch_runs_avx512", lambda: torch_avx512)
     weight = torch.randn(64, 128).bfloat16()
-    assert quantize_int4(weight, 32).kernel == ("cpu-tinygemm" if torch_vectorized else "native")
+    assert quantize_int4(weight, 32).kernel == ("cpu-tinygemm" if torch_avx512 else "native")
     with native_int4_forced():
         assert quantize_int4(weight, 32).kernel == "native"
     with native_int4.SWITCH.turned_off(), native_int4_forced():
@@ -117,6 +117,6 @@ def test_int4_packs_for_native_only_where_torchs_kernel_is_not_vectorized(monkey
 
 def test_torchs_dispatch_level_decides(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert not kernels.torch_int4_is_vectorized()
+    assert not kernels.torch_runs_avx512()
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert kernels.torch_int4_is_vectorized()
+    assert kernels.torch_runs_avx512()

@@ -48,10 +48,10 @@ def uses_native_int4() -> bool:
     docs/quantization.md): on the AVX2 EPYC VM torch's kernel unpacked at 2-3 GB/s and the native one was
     the faster; on the 2-core Xeon, where torch dispatches AVX-512 kernels, torch's was.
     """
-    return native_int4.available() and (_native_forced or not torch_int4_is_vectorized())
+    return native_int4.available() and (_native_forced or not torch_runs_avx512())
 
 
-def torch_int4_is_vectorized() -> bool:
+def torch_runs_avx512() -> bool:
     """Whether torch runs its AVX-512 kernels here (`ATEN_CPU_CAPABILITY` can lower that)."""
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
