@@ -48,7 +48,7 @@ def test_padded_batch_matches_one_matmul_per_group(monkeypatch, sizes, dtype):
     out = grouped_linear(x, GroupedWeight(stack, torch.tensor(offsets, dtype=torch.int32), offsets, padded))
     tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(out, reference(x, list(stack), sizes), rtol=tolerance, atol=tolerance)
-    assert calls == ([1] if padded.padding <= grouped.max_padding(dtype) else [])
+    assert calls == ([1] if padded.padding <= grouped.max_padding(x) else [])
 
 
 @pytest.mark.parametrize("sizes", [[1, 1, 1, 1], [1, 0, 1, 1], [0, 1, 0, 1]])
@@ -62,6 +62,16 @@ def test_one_row_per_group_matches_one_matmul_per_group(monkeypatch, weight_firs
     out = padded_linear(x, stack, PaddedRows.of(offsets, "cpu"))
     assert out.shape == (sum(sizes), 48) and out.is_contiguous()
     torch.testing.assert_close(out, reference(x, list(stack), sizes), rtol=1e-2, atol=1e-2)
+
+
+def test_padding_beyond_none_only_for_fp32_and_native_cpu_bf16(monkeypatch):
+    monkeypatch.setattr(grouped, "bf16_matmul_is_emulated", lambda: False)
+    assert grouped.max_padding(torch.ones(1)) == grouped.FP32_MAX_PADDING
+    assert grouped.max_padding(torch.ones(1, dtype=torch.bfloat16)) == grouped.NATIVE_BF16_MAX_PADDING
+    assert grouped.max_padding(torch.ones(1, dtype=torch.float16)) == grouped.DEFAULT_MAX_PADDING
+    assert grouped.max_padding(torch.ones(1, dtype=torch.bfloat16, device="meta")) == grouped.DEFAULT_MAX_PADDING  # not a CPU
+    monkeypatch.setattr(grouped, "bf16_matmul_is_emulated", lambda: True)
+    assert grouped.max_padding(torch.ones(1, dtype=torch.bfloat16)) == grouped.DEFAULT_MAX_PADDING
 
 
 def test_weight_first_only_for_bf16_on_a_cpu_that_runs_it_natively(monkeypatch):

@@ -80,7 +80,7 @@ MAX_GATHERED_BYTES = 3 * 2**20
 
 def gathered_gemv_pays(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
     """Whether `gathered_expert_gemv` is the faster way for these tokens: bf16 on a CPU that runs it natively, small copies."""
-    copy_bytes = expert_ids.numel() * (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
+    copy_bytes = expert_ids.numel() * (gate_up.shape[1] * gate_up.shape[2] + down.shape[1] * down.shape[2]) * gate_up.element_size()
     return weight_first_pays(hidden) and copy_bytes <= MAX_GATHERED_BYTES
 
 

@@ -36,14 +36,20 @@ def group_offsets(group_of_row: torch.Tensor, num_groups: int) -> torch.Tensor:
 # call costs enough that one padded batch of up to 4x the rows beats a call per group (the engine step
 # ratio of `moeplex bench serve` on the 2-core Xeon of docs/benchmarks.md, with 4.0 against 1.0).
 FP32_MAX_PADDING = 2.0
-BF16_MAX_PADDING = {"native": 4.0, "emulated": 1.0}
+NATIVE_BF16_MAX_PADDING = 4.0
+DEFAULT_MAX_PADDING = 1.0  # bf16 that the CPU emulates, and every dtype not measured (CUDA among them)
 
 
-def max_padding(dtype: torch.dtype) -> float:
-    """Padded rows per real row up to which the padded batch runs instead of `_grouped_mm`."""
-    if dtype == torch.float32:
+def max_padding(x: torch.Tensor) -> float:
+    """Padded rows per real row up to which the padded batch of x's rows runs instead of `_grouped_mm`."""
+    if x.dtype == torch.float32:
         return FP32_MAX_PADDING
-    return BF16_MAX_PADDING["emulated" if bf16_matmul_is_emulated() else "native"]
+    return NATIVE_BF16_MAX_PADDING if runs_native_cpu_bf16(x) else DEFAULT_MAX_PADDING
+
+
+def runs_native_cpu_bf16(x: torch.Tensor) -> bool:
+    """Whether x is bf16 on a CPU that multiplies bf16 natively (oneDNN on AVX512-BF16 or AMX)."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not bf16_matmul_is_emulated()
 
 
 @dataclass
@@ -95,7 +101,7 @@ def grouped_linear(x: torch.Tensor, weight: GroupedWeight) -> torch.Tensor:
     if isinstance(matrices, torch.Tensor) and upcast_pays(x, x.shape[0] / matrices.shape[0], matrices[0].numel()):
         return grouped_linear(x.float(), dataclasses.replace(weight, matrices=matrices.float())).to(x.dtype)
     padded = weight.padded
-    if isinstance(matrices, torch.Tensor) and padded is not None and padded.padding <= max_padding(x.dtype):
+    if isinstance(matrices, torch.Tensor) and padded is not None and padded.padding <= max_padding(x):
         return padded_linear(x, matrices, padded)
     if isinstance(matrices, torch.Tensor) and grouped_matmul_available(x.device):
         transposed = matrices.transpose(1, 2)
@@ -130,7 +136,7 @@ def weight_first_pays(x: torch.Tensor) -> bool:
     matrices such as the lm_heads of a decode step that mixes variants (`moeplex bench serve` shows the
     engine step ratio); in fp32 it was slower, and CPUs that emulate bf16 were not measured.
     """
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not bf16_matmul_is_emulated()
+    return runs_native_cpu_bf16(x)
 
 
 def _kernel_aligned(t: torch.Tensor) -> bool:
