@@ -14,6 +14,7 @@ from moeplex.engine.engine import load_store_tokenizer
 from moeplex.engine.kv_budget import kv_bytes_per_token
 from moeplex.model.generate import generate
 from moeplex.model.sampling import SamplingParams
+from moeplex.scheduling_choices import PREFILL_MODES
 from moeplex.store import StoreReader
 from tests.test_engine_store import build_serving_store, one_torch_thread  # noqa: F401 (autouse fixture)
 
@@ -64,8 +65,9 @@ def run_engine(engine: Engine, requests, params=GREEDY, join_after: int = 0, che
     return [finished[i] for i in ids]
 
 
-def test_mixed_variant_batch_matches_each_variant_alone(any_store):
-    engine = Engine(any_store, EngineConfig(dtype=torch.float32, max_num_batched_tokens=24, max_num_seqs=8))
+@pytest.mark.parametrize("prefill", PREFILL_MODES)
+def test_mixed_variant_batch_matches_each_variant_alone(any_store, prefill):
+    engine = Engine(any_store, EngineConfig(dtype=torch.float32, max_num_batched_tokens=24, max_num_seqs=8, prefill=prefill))
     calls = []
     bank_compute = engine.runner.bank.compute
     engine.runner.bank.compute = lambda *args: calls.append(len(args[1])) or bank_compute(*args)
@@ -77,6 +79,31 @@ def test_mixed_variant_batch_matches_each_variant_alone(any_store):
     assert max(step_variants) == 3, "steps mixed all three variants"
     sparse_layers = sum(engine.spec.sparse_layers)
     assert len(calls) == sparse_layers * len(step_variants), "one expert-bank call per sparse layer for the whole step"
+    assert engine.kv_budget.used_bytes == 0 and engine.num_unfinished == 0
+
+
+def test_separate_prefill_steps_hold_no_decode_and_keep_greedy_tokens(store):
+    engine = Engine(store, EngineConfig(dtype=torch.float32, max_num_batched_tokens=24, max_num_seqs=8, prefill="separate"))
+    mixed_steps, decodes_held_back = 0, 0
+    schedule = engine.scheduler.schedule
+
+    def is_decode(chunk):
+        return chunk.num_tokens == 1 and chunk.completes_prompt and bool(chunk.seq.completion.token_ids)
+
+    def recording_schedule():
+        nonlocal mixed_steps, decodes_held_back
+        plan = schedule()
+        decodes = [is_decode(chunk) for chunk in plan.chunks]
+        mixed_steps += any(decodes) and not all(decodes)
+        if not any(decodes):
+            decodes_held_back += len(engine.scheduler.running) > len(plan.chunks)
+        return plan
+
+    engine.scheduler.schedule = recording_schedule
+    requests = make_requests(store)
+    assert run_engine(engine, requests, join_after=2) == alone(store, requests)
+    assert mixed_steps == 0, "no step held prefill and decode tokens together"
+    assert decodes_held_back > 0, "prompts that arrived while others decoded got steps of their own"
     assert engine.kv_budget.used_bytes == 0 and engine.num_unfinished == 0
 
 

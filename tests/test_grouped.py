@@ -74,11 +74,15 @@ def test_padding_beyond_none_only_for_fp32_and_native_cpu_bf16(monkeypatch):
     assert grouped.max_padding(torch.ones(1, dtype=torch.bfloat16)) == grouped.DEFAULT_MAX_PADDING
 
 
-def test_weight_first_only_for_bf16_on_a_cpu_that_runs_it_natively(monkeypatch):
+def test_weight_first_only_for_bf16_on_a_cpu_with_amx(monkeypatch):
     monkeypatch.setattr(grouped, "bf16_matmul_is_emulated", lambda: False)
+    monkeypatch.setattr(grouped, "has_amx_bf16", lambda: True)
     assert grouped.weight_first_pays(torch.ones(1, dtype=torch.bfloat16))
     assert not grouped.weight_first_pays(torch.ones(1))
+    monkeypatch.setattr(grouped, "has_amx_bf16", lambda: False)  # AVX512-BF16 without AMX (Zen 4): rows first
+    assert not grouped.weight_first_pays(torch.ones(1, dtype=torch.bfloat16))
     monkeypatch.setattr(grouped, "bf16_matmul_is_emulated", lambda: True)
+    monkeypatch.setattr(grouped, "has_amx_bf16", lambda: True)
     assert not grouped.weight_first_pays(torch.ones(1, dtype=torch.bfloat16))
 
 
@@ -116,11 +120,11 @@ def test_gathered_expert_gemv_matches_the_loop_over_experts(dtype, tokens):
     torch.testing.assert_close(experts_module.gathered_expert_gemv(hidden, expert_ids, weights, gate_up, down) / scale, expected / scale, rtol=tolerance, atol=tolerance)
 
 
-def test_gathered_gemv_only_for_small_copies_where_weight_first_pays(monkeypatch):
-    monkeypatch.setattr(experts_module, "weight_first_pays", lambda x: True)
+def test_gathered_gemv_only_for_small_copies_in_native_cpu_bf16(monkeypatch):
+    monkeypatch.setattr(experts_module, "runs_native_cpu_bf16", lambda x: True)
     small_gate_up, small_down = torch.empty(4, 512, 128, dtype=torch.bfloat16), torch.empty(4, 128, 256, dtype=torch.bfloat16)  # 192 KiB
     hidden = torch.empty(1, 128, dtype=torch.bfloat16)
     assert experts_module.gathered_gemv_pays(hidden, torch.zeros(8, 2, dtype=torch.long), small_gate_up, small_down)  # 3 MiB
     assert not experts_module.gathered_gemv_pays(hidden, torch.zeros(9, 2, dtype=torch.long), small_gate_up, small_down)
-    monkeypatch.setattr(experts_module, "weight_first_pays", lambda x: False)
+    monkeypatch.setattr(experts_module, "runs_native_cpu_bf16", lambda x: False)
     assert not experts_module.gathered_gemv_pays(hidden, torch.zeros(1, 2, dtype=torch.long), small_gate_up, small_down)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from moeplex.engine.config import EngineConfig
 from moeplex.engine.kv_budget import KVCacheBudget
 from moeplex.engine.policies import FCFSPolicy, VariantFairPolicy, policy_by_name
 from moeplex.engine.scheduler import Scheduler
@@ -19,9 +20,9 @@ def make_seq(seq_id: int, variant: str = "a", prompt_len: int = 4, arrival: floa
     return seq
 
 
-def make_scheduler(policy="fcfs", kv_tokens=1000, max_num_seqs=8, max_tokens=64, max_variants=None) -> Scheduler:
+def make_scheduler(policy="fcfs", kv_tokens=1000, max_num_seqs=8, max_tokens=64, max_variants=None, separate_prefills=False) -> Scheduler:
     budget = KVCacheBudget(kv_tokens * BYTES_PER_TOKEN, BYTES_PER_TOKEN, initial_tokens=4)
-    return Scheduler(policy_by_name(policy), budget, max_num_seqs, max_tokens, max_variants)
+    return Scheduler(policy_by_name(policy), budget, max_num_seqs, max_tokens, max_variants, separate_prefills)
 
 
 def run_step(scheduler: Scheduler) -> dict[int, int]:
@@ -63,6 +64,31 @@ def test_prefill_is_chunked_under_the_token_budget_and_decode_joins_between_step
     assert long_seq.completion.token_ids == [7, 7] and long_seq.status is SequenceStatus.RUNNING
 
 
+def test_separate_prefills_gives_prompts_steps_of_their_own_and_decodes_resume_between():
+    scheduler = make_scheduler(max_tokens=8, separate_prefills=True)
+    first, long_seq, short_seq = make_seq(0, "a", prompt_len=3), make_seq(1, "b", prompt_len=9), make_seq(2, "c", prompt_len=3)
+    scheduler.add(first)
+    assert run_step(scheduler) == {0: 3}
+    assert run_step(scheduler) == {0: 1}  # nothing to prefill: decode
+    scheduler.add(long_seq)
+    scheduler.add(short_seq)
+    assert run_step(scheduler) == {1: 8}  # prefill only: first's decode waits
+    assert run_step(scheduler) == {1: 1, 2: 3}  # the prompt's last token (not a decode), then the admission
+    assert run_step(scheduler) == {0: 1, 1: 1, 2: 1}  # every prompt done: all decode together
+    assert scheduler.served_tokens == {"a": 5, "b": 10, "c": 4}
+
+
+def test_separate_prefills_falls_back_to_a_mixed_step_that_preempts_when_a_prompt_cannot_grow():
+    scheduler = make_scheduler(kv_tokens=16, max_tokens=8, separate_prefills=True)
+    decoding, chunked = make_seq(0, prompt_len=3), make_seq(1, prompt_len=14)
+    scheduler.add(decoding)
+    assert run_step(scheduler) == {0: 3}
+    scheduler.add(chunked)
+    assert run_step(scheduler) == {1: 8}  # caches: 4 (rounded up) + 8 tokens
+    step = run_step(scheduler)  # the rest of the prompt needs a 14-token cache: only after preempting the newest, itself
+    assert step == {0: 1} and scheduler.num_preemptions == 1 and chunked.status is SequenceStatus.WAITING
+
+
 def test_kv_pressure_preempts_the_newest_and_it_recomputes_later():
     scheduler = make_scheduler(kv_tokens=16, max_tokens=64)
     old, new = make_seq(0, prompt_len=7), make_seq(1, prompt_len=7)
@@ -98,3 +124,10 @@ def test_sequence_slots_and_budget_accounting_follow_the_cache_growth():
     run_step(scheduler)
     assert scheduler.kv_budget.capacity_tokens == {0: 10, 1: 10}  # doubled, as SequenceKVCache.reserve does
     assert scheduler.served_tokens["a"] == 12
+
+
+def test_engine_config_names_the_scheduling_choices_it_refuses():
+    with pytest.raises(ValueError, match="prefill must be one of separate, mixed, got 'first'"):
+        EngineConfig(prefill="first")
+    with pytest.raises(ValueError, match="policy must be one of fcfs, variant-fair, got 'lifo'"):
+        EngineConfig(policy="lifo")

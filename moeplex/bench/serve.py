@@ -103,6 +103,7 @@ def engine_config(settings: ServeBenchSettings, backbone_budget_bytes: int | Non
         max_model_len=settings.prompt_tokens + settings.output_tokens,
         backbone_budget_bytes=backbone_budget_bytes,
         max_pending_requests=max(256, settings.open_loop_requests),
+        prefill=settings.prefill,
     )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from moeplex.bench.options import add_json_option, add_threads_option, publish
 from moeplex.cores import serving_threads
 from moeplex.dtypes import DTYPE_CHOICES, DTYPE_HELP
+from moeplex.scheduling_choices import PREFILL_MODES
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class ServeBenchSettings:
     repeats: int = 11  # pairs: one pair moves by 0.1-0.5 on a shared 2-core VM; the median of 11 by much less
     threads: int = field(default_factory=serving_threads)  # what `moeplex serve` uses: a core is left to the HTTP server
     dtype: str = "bf16"
+    prefill: str = "separate"  # EngineConfig.prefill: new prompts get steps of their own, or join decode steps
     seed: int = 0
 
 
@@ -39,6 +41,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help=f"alternating runs per system (default: {defaults.repeats})")
     add_threads_option(parser, defaults.threads, "the engine, as many as `moeplex serve` gives it: one per core less one, left to the HTTP server")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=defaults.dtype, help=DTYPE_HELP)
+    parser.add_argument("--prefill", choices=PREFILL_MODES, default=defaults.prefill,
+                        help=f"both systems schedule prefills as `moeplex serve --prefill` does (default: {defaults.prefill})")
 
 
 def run_from_options(args: argparse.Namespace) -> dict:
@@ -48,7 +52,7 @@ def run_from_options(args: argparse.Namespace) -> dict:
 
     settings = ServeBenchSettings(
         concurrency=args.concurrency, max_num_seqs=args.max_num_seqs, closed_loop_requests=args.requests, output_tokens=args.output_tokens,
-        repeats=args.repeats, threads=args.threads, dtype=args.dtype,
+        repeats=args.repeats, threads=args.threads, dtype=args.dtype, prefill=args.prefill,
     )
     result = run_serve_benchmark(args.store or demo_store(), settings)
     return publish(format_table(result), result, args.json)

@@ -100,6 +100,7 @@ class Engine:
             config.max_num_seqs,
             config.max_num_batched_tokens,
             max_variants_per_step=self.backbones.capacity,
+            separate_prefills=config.prefill == "separate",
         )
         self._sequences: dict[int, Sequence] = {}
         self._ids = itertools.count()

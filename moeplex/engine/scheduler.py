@@ -47,6 +47,12 @@ class Scheduler:
     dropped and it waits to be recomputed. Admission stops at the first waiting sequence that does not
     fit (tokens, KV bytes, sequence slots, or one more variant than max_variants_per_step allows), so
     the policy's order is never overtaken and nobody starves.
+
+    separate_prefills: a step that can prefill (the rest of chunked prompts, then admissions) holds only
+    prefills, and running sequences decode in the steps between, as vLLM's V0 scheduler did by default.
+    A new request then waits for no other sequence's decode, and a prefill step of one variant runs
+    that variant's backbone and experts alone; the decoding sequences wait one step per prefill.
+    False: decodes and prefills share a step, as vLLM's V1 scheduler does.
     """
 
     def __init__(
@@ -56,8 +62,10 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_variants_per_step: int | None = None,
+        separate_prefills: bool = False,
     ):
         self.policy, self.kv_budget = policy, kv_budget
+        self.separate_prefills = separate_prefills
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_variants_per_step = max_variants_per_step
         self.waiting: list[Sequence] = []
@@ -77,6 +85,33 @@ class Scheduler:
         return self.policy.admission_order(self.waiting, self.served_tokens)
 
     def schedule(self) -> StepPlan:
+        plan = self._prefill_plan() if self.separate_prefills else StepPlan()
+        if not plan.chunks:
+            plan = self._mixed_plan()
+        for chunk in plan.chunks:
+            self.served_tokens[chunk.seq.variant] += chunk.num_tokens
+        return plan
+
+    def _prefill_plan(self) -> StepPlan:
+        """Prefills only: the rest of running sequences' chunked prompts, then admissions; empty when none can run.
+
+        A running prompt whose cache cannot grow ends the plan (the mixed plan then preempts as it must).
+        """
+        plan = StepPlan()
+        token_budget = self.max_num_batched_tokens
+        for seq in self.running:
+            if seq.is_decoding or token_budget == 0:
+                continue
+            num_tokens = min(seq.tokens_to_compute, token_budget)
+            if not self.kv_budget.try_reserve(seq.seq_id, seq.num_computed + num_tokens):
+                return StepPlan()
+            plan.chunks.append(ScheduledChunk(seq, num_tokens))
+            token_budget -= num_tokens
+        self._admit(plan, token_budget)
+        return plan
+
+    def _mixed_plan(self) -> StepPlan:
+        """Every running sequence (decodes and chunked prompts alike, preempting when the cache cannot grow), then admissions."""
         plan = StepPlan()
         token_budget = self.max_num_batched_tokens
         queue = list(self.running)
@@ -94,8 +129,6 @@ class Scheduler:
                 token_budget -= num_tokens
         if not plan.preempted:
             self._admit(plan, token_budget)
-        for chunk in plan.chunks:
-            self.served_tokens[chunk.seq.variant] += chunk.num_tokens
         return plan
 
     def _admit(self, plan: StepPlan, token_budget: int) -> None:

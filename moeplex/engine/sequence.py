@@ -76,6 +76,11 @@ class Sequence:
         return self.num_tokens - self.num_computed
 
     @property
+    def is_decoding(self) -> bool:
+        """The next step computes one generated token; otherwise prompt tokens (or a recomputation) are left."""
+        return self.tokens_to_compute == 1 and self.num_tokens > len(self.completion.prompt_ids)
+
+    @property
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 

@@ -14,11 +14,10 @@ on the EPYC VM ran at half the throughput when decode batches of 8 were upcast (
 from __future__ import annotations
 
 import contextlib
-import functools
-import platform
 
 import torch
 
+from moeplex.cpu_features import cpu_flags
 from moeplex.switch import Switch
 
 MIN_ROWS = 64
@@ -41,17 +40,10 @@ def assumed_emulated(assume: bool = True):
         _assumed_emulated = previous
 
 
-@functools.cache
 def bf16_matmul_is_emulated() -> bool:
     """True on an x86-64 Linux CPU whose flags have neither AVX512-BF16 nor AMX-BF16."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), None)
-    except OSError:
-        return False
-    return flags is not None and not NATIVE_BF16_FLAGS & set(flags)
+    flags = cpu_flags()
+    return bool(flags) and not NATIVE_BF16_FLAGS & flags
 
 
 def upcast_pays(x: torch.Tensor, rows_per_matrix: float, weights_per_matrix: int) -> bool:

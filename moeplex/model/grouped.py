@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moeplex.cpu_features import has_amx_bf16
 from moeplex.model.bf16_upcast import bf16_matmul_is_emulated, upcast_pays
 
 
@@ -130,13 +131,14 @@ def padded_linear(x: torch.Tensor, matrices: torch.Tensor, padded: PaddedRows) -
 def weight_first_pays(x: torch.Tensor) -> bool:
     """Whether a batch of one row per matrix runs faster as matrices @ rows than as rows @ matrices.T.
 
-    As for torch.mv against F.linear with one row (`moeplex.model.ops.linear`): where a CPU runs bf16
-    matmuls natively (oneDNN on AVX512-BF16 or AMX), timing 2-8 groups of the demo models' matrices and
-    of 4096-wide ones, the weight-first batch was the faster one almost everywhere, most for wide
-    matrices such as the lm_heads of a decode step that mixes variants (`moeplex bench serve` shows the
-    engine step ratio); in fp32 it was slower, and CPUs that emulate bf16 were not measured.
+    As for torch.mv against F.linear with one row (`moeplex.model.ops.linear`): on the AMX Xeon of
+    docs/benchmarks.md, timing 2-8 groups of the demo models' matrices and of 4096-wide ones, the
+    weight-first batch was the faster one almost everywhere, most for wide matrices such as the lm_heads
+    of a decode step that mixes variants. On a Zen 4 EPYC (AVX512-BF16, no AMX) it was the slower one: the
+    4-variant decode step took 4.87 ms against 4.61 ms rows first (the engine step of `moeplex bench
+    serve`). In fp32 it was slower too; CPUs that emulate bf16 were not measured.
     """
-    return runs_native_cpu_bf16(x)
+    return runs_native_cpu_bf16(x) and has_amx_bf16()
 
 
 def _kernel_aligned(t: torch.Tensor) -> bool:

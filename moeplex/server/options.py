@@ -8,6 +8,8 @@ from pathlib import Path
 
 from moeplex.cores import serving_threads
 from moeplex.dtypes import DTYPE_CHOICES, DTYPE_HELP, resolve_dtype
+from moeplex.scheduling_choices import POLICIES as SCHEDULING_POLICIES
+from moeplex.scheduling_choices import PREFILL_MODES
 from moeplex.offload.config import HOST_EXECUTION
 
 MIB = 2**20
@@ -20,9 +22,13 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     parser.add_argument("--api-key", default=os.environ.get("MOEPLEX_API_KEY"), help="require 'Authorization: Bearer KEY' on /v1 (default: $MOEPLEX_API_KEY; none: no check)")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16", help=DTYPE_HELP)
-    parser.add_argument("--policy", choices=("fcfs", "variant-fair"), default="fcfs", help="scheduling policy (default: fcfs)")
+    parser.add_argument("--policy", choices=SCHEDULING_POLICIES, default="fcfs", help="scheduling policy (default: fcfs)")
     parser.add_argument("--max-num-seqs", type=int, default=16, help="sequences per step (default: 16)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=256, help="tokens per step; longer prompts are prefilled in chunks (default: 256)")
+    parser.add_argument("--prefill", choices=PREFILL_MODES, default="separate",
+                        help="separate: new prompts get steps of their own and running sequences decode in the steps between (a new "
+                             "request waits for no decode; each prefill delays the decodes one step); mixed: prompts join the decode "
+                             "steps (default: separate)")
     parser.add_argument("--max-model-len", type=int, default=2048, help="prompt + completion tokens (default: 2048 or the model's limit if smaller)")
     parser.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache budget in MiB (default: 512)")
     parser.add_argument("--backbone-budget-mib", type=int, help="device MiB for resident backbones (default: all variants resident)")
@@ -70,6 +76,7 @@ def serve_from_options(args: argparse.Namespace) -> None:
         expert_budget_bytes=expert_budget,
         offload=None if expert_budget is None else offload_config(args, expert_budget),
         threads=serving_threads() if args.threads is None else args.threads,
+        prefill=args.prefill,
     )
     settings = ServerSettings(api_key=args.api_key, drain_timeout_seconds=args.drain_timeout)
     print(f"serving {', '.join(reader.variants)} from {args.store} on http://{args.host}:{args.port}/v1", flush=True)
