@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moeplex.model import experts as experts_module
-from moeplex.model import grouped
+from moeplex.model import grouped, ops
 from moeplex.model.experts import DenseExperts, group_tokens_by_expert
 from moeplex.model.grouped import GroupedWeight, PaddedRows, group_offsets, grouped_linear
 from moeplex.model.ops import swiglu_mlp
@@ -128,3 +129,23 @@ def test_gathered_gemv_only_for_small_copies_in_native_cpu_bf16(monkeypatch):
     assert not experts_module.gathered_gemv_pays(hidden, torch.zeros(9, 2, dtype=torch.long), small_gate_up, small_down)
     monkeypatch.setattr(experts_module, "runs_native_cpu_bf16", lambda x: False)
     assert not experts_module.gathered_gemv_pays(hidden, torch.zeros(1, 2, dtype=torch.long), small_gate_up, small_down)
+
+
+def test_one_row_as_mv_except_for_native_bf16_without_amx(monkeypatch):
+    bf16, fp32 = torch.ones(1, 4, dtype=torch.bfloat16), torch.ones(1, 4)
+    monkeypatch.setattr(grouped, "bf16_matmul_is_emulated", lambda: False)
+    monkeypatch.setattr(grouped, "has_amx_bf16", lambda: False)  # Zen 4
+    assert not grouped.mv_pays(bf16) and grouped.mv_pays(fp32)
+    monkeypatch.setattr(grouped, "has_amx_bf16", lambda: True)  # Sapphire Rapids
+    assert grouped.mv_pays(bf16)
+    monkeypatch.setattr(grouped, "bf16_matmul_is_emulated", lambda: True)  # AVX2
+    monkeypatch.setattr(grouped, "has_amx_bf16", lambda: False)
+    assert grouped.mv_pays(bf16)
+    assert not grouped.mv_pays(torch.ones(1, 4, device="meta"))
+
+
+@pytest.mark.parametrize("as_mv", [True, False])
+def test_one_row_linear_matches_f_linear_either_way(monkeypatch, as_mv):
+    monkeypatch.setattr(ops, "mv_pays", lambda x: as_mv)
+    x, weight, bias = torch.randn(1, 64, dtype=torch.bfloat16), torch.randn(96, 64, dtype=torch.bfloat16), torch.randn(96, dtype=torch.bfloat16)
+    torch.testing.assert_close(ops.linear(x, weight, bias), F.linear(x.float(), weight.float(), bias.float()).to(torch.bfloat16), rtol=2e-2, atol=2e-2)

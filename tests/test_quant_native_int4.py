@@ -105,10 +105,12 @@ def test_kernel_benchmark_times_every_kernel_at_every_token_count(monkeypatch):
 
 
 @pytest.mark.parametrize("torch_avx512", [True, False])
-def test_int4_packs_for_native_only_where_torch_runs_without_avx512(monkeypatch, torch_avx512):
+@pytest.mark.parametrize("amx", [True, False])
+def test_int4_packs_for_torch_only_where_it_runs_avx512_beside_amx(monkeypatch, torch_avx512, amx):
     monkeypatch.setattr(kernels, "torch_runs_avx512", lambda: torch_avx512)
+    monkeypatch.setattr(kernels, "has_amx_bf16", lambda: amx)
     weight = torch.randn(64, 128).bfloat16()
-    assert quantize_int4(weight, 32).kernel == ("cpu-tinygemm" if torch_avx512 else "native")
+    assert quantize_int4(weight, 32).kernel == ("cpu-tinygemm" if torch_avx512 and amx else "native")
     with native_int4_forced():
         assert quantize_int4(weight, 32).kernel == "native"
     with native_int4.SWITCH.turned_off(), native_int4_forced():

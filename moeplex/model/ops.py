@@ -6,21 +6,21 @@ import torch
 import torch.nn.functional as F
 
 from moeplex.model.bf16_upcast import upcast_pays
-from moeplex.model.grouped import GroupedWeight, grouped_linear
+from moeplex.model.grouped import GroupedWeight, grouped_linear, mv_pays
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | GroupedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ weight[out, in].T (+ bias) -> [T, out]; bias [out] or one per row [T, out].
 
     A GroupedWeight multiplies each row group by its own matrix (`moeplex.model.grouped`). A single
-    row goes through torch.mv: on CPU its bf16 GEMV streams weights about twice as fast as F.linear's
-    M=1 path (`moeplex bench decode` measures the effect end to end). Many bf16 rows on a CPU that
-    emulates bf16 matmuls are multiplied in fp32 (`moeplex.model.bf16_upcast`).
+    row goes through torch.mv where its GEMV streams weights faster than F.linear's M=1 path (most CPUs;
+    `moeplex.model.grouped.mv_pays`; `moeplex bench decode` measures the effect end to end). Many bf16
+    rows on a CPU that emulates bf16 matmuls are multiplied in fp32 (`moeplex.model.bf16_upcast`).
     """
     if isinstance(weight, GroupedWeight):
         out = grouped_linear(x, weight)
         return out if bias is None else out + bias
-    if x.shape[0] == 1 and x.device.type == "cpu":
+    if x.shape[0] == 1 and mv_pays(x):
         out = torch.mv(weight, x[0]).unsqueeze(0)
         return out if bias is None else out + bias
     if upcast_pays(x, x.shape[0], weight.numel()):

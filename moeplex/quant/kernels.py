@@ -2,7 +2,7 @@
 
 int8: `torch._weight_int8pack_mm` (CPU and CUDA). int4, one of three kernels, chosen when a matrix is
 packed for its device: "native" (moeplex's own AVX2 kernel, `native_int4`, on x86-64 CPUs where it
-builds and where torch's kernel lacks its AVX-512 code: `uses_native_int4`), else torch's tinygemm format, packed and
+builds, except where torch runs its AVX-512 code on a CPU with AMX: `uses_native_int4`), else torch's tinygemm format, packed and
 multiplied by `_convert_weight_to_int4pack_for_cpu` / `_weight_int4pack_mm_for_cpu` on CPU
 ("cpu-tinygemm") and by `_convert_weight_to_int4pack` / `_weight_int4pack_mm` on CUDA ("cuda-tinygemm").
 torch's kernels take bf16 activations: on this CPU their fp32 paths are 10-20x slower, and the CUDA int4
@@ -15,6 +15,7 @@ import contextlib
 
 import torch
 
+from moeplex.cpu_features import has_amx_bf16
 from moeplex.quant import native_int4
 
 KERNEL_DTYPE = torch.bfloat16
@@ -41,14 +42,16 @@ def int4_pack(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[str, tor
 
 
 def uses_native_int4() -> bool:
-    """Whether int4 matrices are packed for moeplex's native kernel: it is built here and torch's CPU kernel
-    runs without its AVX-512 code (or `native_int4_forced` is in force).
+    """Whether int4 matrices are packed for moeplex's native kernel: it is built here, and torch's CPU kernel
+    does not run its AVX-512 code on a CPU with AMX (or `native_int4_forced` is in force).
 
-    Which one streams weights faster depends on the code torch dispatches to (`moeplex bench quant`,
-    docs/quantization.md): on the AVX2 EPYC VM torch's kernel unpacked at 2-3 GB/s and the native one was
-    the faster; on the 2-core Xeon, where torch dispatches AVX-512 kernels, torch's was.
+    Which one is faster depends on the CPU (`moeplex bench quant`, docs/quantization.md): on the AVX2
+    EPYC VM torch's kernel unpacked at 2-3 GB/s and the native one was the faster; on the 2-core Xeon
+    (AVX-512 and AMX) torch's was (97 against 66 tokens/s); on a Zen 4 EPYC (AVX-512, no AMX) the native
+    one was, by less (98 against 89 and 91 against 88 tokens/s; 0.116-0.118 against 0.125-0.129 ms per
+    [4096, 1024] matmul of one row).
     """
-    return native_int4.available() and (_native_forced or not torch_runs_avx512())
+    return native_int4.available() and (_native_forced or not (torch_runs_avx512() and has_amx_bf16()))
 
 
 def torch_runs_avx512() -> bool:

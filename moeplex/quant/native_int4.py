@@ -6,8 +6,8 @@ paid there (docs/quantization.md). This kernel widens each 32-channel block once
 multiplies it into up to four activation rows (in 16-bit fixed point per group) with integer
 multiply-adds. It needs x86-64 with AVX2 and FMA and a C
 compiler; where either is missing, or MOEPLEX_NATIVE_INT4=0, `available()` is False and int4 uses torch's
-kernel. Where torch runs its AVX-512 kernels its own int4 kernel is the faster one, and int4 uses it there
-too (`moeplex.quant.kernels.uses_native_int4`). The shared object is cached under $MOEPLEX_CACHE/native, keyed by the source and the compiler.
+kernel. Where torch runs its AVX-512 kernels on a CPU with AMX its own int4 kernel is the faster one, and
+int4 uses it there too (`moeplex.quant.kernels.uses_native_int4`). The shared object is cached under $MOEPLEX_CACHE/native, keyed by the source and the compiler.
 """
 
 from __future__ import annotations
