@@ -144,12 +144,14 @@ def weight_first_pays(x: torch.Tensor) -> bool:
 def mv_pays(x: torch.Tensor) -> bool:
     """Whether one row x [1, in] on the CPU is multiplied faster as torch.mv(weight, row) than as F.linear.
 
-    torch.mv's bf16 GEMV streamed weights about twice as fast as F.linear's M=1 path on the AMX Sapphire
-    Rapids and on the AVX2 EPYC (which emulates bf16) of docs/benchmarks.md. On a Zen 4 EPYC (AVX512-BF16,
-    no AMX) it was the slower one: oneDNN's M=1 GEMM streamed 1.3-2x faster for 128-4096 x 128-32000 bf16
-    weights with 1 and 2 threads. In fp32 the two were equal.
+    The rule was set on the Sapphire Rapids (AMX) of docs/benchmarks.md, where torch.mv's bf16 GEMV streamed
+    weights about twice as fast as F.linear's M=1 path; CPUs that emulate bf16 (the AVX2 EPYC) keep it. On
+    a Zen 4 EPYC (AVX512-BF16, no AMX) torch.mv was the slower one: oneDNN's M=1 GEMM streamed 1.3-2x
+    faster for 128-4096 x 128-32000 bf16 weights with 1 and 2 threads. In fp32 the two were equal.
     """
-    return x.device.type == "cpu" and not (runs_native_cpu_bf16(x) and not has_amx_bf16())
+    if x.device.type != "cpu":
+        return False
+    return has_amx_bf16() or not runs_native_cpu_bf16(x)
 
 
 def _kernel_aligned(t: torch.Tensor) -> bool:
