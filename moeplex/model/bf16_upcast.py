@@ -14,6 +14,7 @@ on the EPYC VM ran at half the throughput when decode batches of 8 were upcast (
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -40,6 +41,7 @@ def assumed_emulated(assume: bool = True):
         _assumed_emulated = previous
 
 
+@functools.cache  # asked on every matmul of a step (via upcast_pays, max_padding, mv_pays)
 def bf16_matmul_is_emulated() -> bool:
     """True on an x86-64 Linux CPU whose flags have neither AVX512-BF16 nor AMX-BF16."""
     flags = cpu_flags()
