@@ -128,6 +128,19 @@ def test_router_lookahead_applies_the_later_layers_router_to_the_current_input()
     assert torch.allclose(predicted[others], (TOP_K * probs[others]).clamp(max=1.0), atol=1e-6), "the rest: k x router probability"
 
 
+def test_router_lookahead_over_several_layers_equals_each_layer_alone():
+    generator = torch.Generator().manual_seed(24)
+    hidden_size = 16
+    routers = [torch.randn(EXPERTS, hidden_size, generator=generator) * 3 for _ in range(LAYERS)]
+    hidden = torch.randn(2, hidden_size, generator=generator)  # a batch: the need is over both tokens
+    lookahead = RouterLookahead(routers, TOP_K)
+    together = lookahead.predict(hidden, [2, 1])
+    assert together.shape == (2, EXPERTS)
+    assert torch.allclose(together[0], lookahead.predict(hidden, [2])[0])
+    assert torch.allclose(together[1], lookahead.predict(hidden, [1])[0])
+    assert not torch.allclose(together[0], together[1])
+
+
 def test_router_lookahead_from_the_residual_uses_the_target_layers_own_norm():
     generator = torch.Generator().manual_seed(25)
     hidden_size = 16

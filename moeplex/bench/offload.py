@@ -1,6 +1,6 @@
 """`moeplex bench offload`: decode tokens/s with experts offloaded to disk, per eviction/prefetch system and budget.
 
-On the bench demo family's store (cold page cache: every expert read drops its pages again), at device
+On the bench demo family's store (cold page cache: every expert read is O_DIRECT, or drops its pages again), at device
 budgets that are fractions of the expert bytes, in one run, alternating after a warm-up request each:
 on-demand + LRU, on-demand + LFU, moeplex (prediction + prefetch + trace-aware eviction), and fully
 resident. Also hit rates, prefetch accuracy, bytes read per token, and prediction precision/recall by
@@ -112,11 +112,11 @@ class BenchSetup:
     device: str
 
     @staticmethod
-    def open(store: Path, device: str = "cpu") -> BenchSetup:
+    def open(store: Path, device: str = "cpu", direct_io: bool = True) -> BenchSetup:
         reader = StoreReader(store)
         spec, table, dtype = reader.spec("base"), reader.expert_table("base"), torch.bfloat16
         backbone = reader.load_backbone("base", dtype, device)
-        source = StoreExpertSource(store, reader.manifest, spec, dtype)
+        source = StoreExpertSource(store, reader.manifest, spec, dtype, direct_io=direct_io)
         expert_ids = sorted(reader.manifest.referenced_expert_ids())
         bank = reader.load_expert_bank(expert_ids, spec, dtype, device)
         resident = MoEModel(spec, backbone, StoreExperts(bank, bank.rows(table, device)), dtype, device)
@@ -125,11 +125,11 @@ class BenchSetup:
     def model(self, experts) -> MoEModel:
         return MoEModel(self.spec, self.backbone, experts, torch.bfloat16, self.device)
 
-    def offloaded(self, system: str, budget: int, settings: OffloadBenchSettings, scorer: PredictionScorer | None = None) -> MoEModel:
+    def offloaded(self, system: str, budget: int, settings: OffloadBenchSettings) -> MoEModel:
         """One system's model at this budget, with its own copy of the calibrated trace library."""
         config = OffloadConfig(device_budget=budget, window=settings.window, min_probability=settings.min_probability, **SYSTEMS[system])
         library = TraceLibrary.load(self.store / TRACES_FOLDER) if config.prediction != "none" else None
-        experts = build_offloaded_experts(self.spec, self.backbone, self.table, self.source, config, library, scorer, self.device)
+        experts = build_offloaded_experts(self.spec, self.backbone, self.table, self.source, config, library, device=self.device)
         return self.model(experts)
 
     def seed_library(self, prompts: list[list[int]], settings: OffloadBenchSettings) -> None:
@@ -143,7 +143,7 @@ class BenchSetup:
 def run_offload_benchmark(store: Path, settings: OffloadBenchSettings, progress=print) -> dict:
     torch.set_num_threads(settings.threads)
     progress(f"loading {store}")
-    setup = BenchSetup.open(store, settings.device)
+    setup = BenchSetup.open(store, settings.device, settings.direct_io)
     count = settings.calibration_requests
     prompts = random_prompts(count + settings.repeats + 1, settings.prompt_tokens, setup.spec.vocab_size, settings.seed)
     progress(f"calibrating the trace library on {count} requests")
@@ -151,7 +151,7 @@ def run_offload_benchmark(store: Path, settings: OffloadBenchSettings, progress=
     setup.seed_library(prompts[:count], settings)
     result = {
         "store": str(store), "device": settings.device, "threads": settings.threads, "new_tokens": settings.new_tokens, "prompt_tokens": settings.prompt_tokens,
-        "repeats": settings.repeats, "window": settings.window, "min_probability": settings.min_probability, "score_threshold": settings.score_threshold,
+        "repeats": settings.repeats, "direct_io": settings.direct_io, "window": settings.window, "min_probability": settings.min_probability, "score_threshold": settings.score_threshold,
         "expert_bytes": setup.expert_bytes, "expert_count": len(setup.source.manifest.experts),
         "tokens_per_s": {}, "speedup_vs_lru": {}, "fraction_of_resident": {}, "pool": {}, "prefetcher": {}, "prediction": {},
     }
@@ -171,16 +171,20 @@ def run_offload_benchmark(store: Path, settings: OffloadBenchSettings, progress=
 
 
 def measure_budget(setup: BenchSetup, budget: int, warmup: list[int], prompts: list[list[int]], settings: OffloadBenchSettings, progress=print) -> dict:
-    """Decode tokens/s of every system at this budget: a warm-up request each, then the prompts, alternating."""
-    scorer = PredictionScorer(setup.spec.num_layers, settings.score_threshold)
-    models = {name: setup.offloaded(name, budget, settings, scorer if name == "moeplex" else None) for name in SYSTEMS}
+    """Decode tokens/s of every system at this budget: a warm-up request each, then the prompts, alternating.
+
+    Predictions are scored afterwards, untimed (scoring's host time would count against moeplex's speed),
+    by a fresh moeplex model over the same prompts: its trace library is the calibrated one, without the
+    traces that the timed requests of these prompts left in the timed model's library.
+    """
+    models = {name: setup.offloaded(name, budget, settings) for name in SYSTEMS}
     models["resident"] = setup.resident
     drop_page_cache(setup.store)
     progress(f"budget {budget / 2**20:.0f} MiB of {setup.expert_bytes / 2**20:.0f} MiB: warm-up request per system")
     for model in models.values():
         decode_tokens_per_s(model, warmup, settings.new_tokens)
     for model in models.values():
-        reset_counters(model, scorer)
+        reset_counters(model)
     samples: dict[str, list[float]] = {name: [] for name in models}
     for repeat, prompt in enumerate(prompts):
         progress(f"measured request {repeat + 1}/{len(prompts)}")
@@ -191,14 +195,28 @@ def measure_budget(setup: BenchSetup, budget: int, warmup: list[int], prompts: l
         "tokens_per_s": {name: median(values) for name, values in samples.items()},
         "pool": {name: pool_summary(models[name].experts.pool.stats, tokens) for name in SYSTEMS},
         "prefetcher": vars(models["moeplex"].experts.prefetcher.stats).copy(),
-        "prediction": scorer.report(),
     }
     for name in SYSTEMS:
         models[name].experts.close()
+    scored = setup.offloaded("moeplex", budget, settings)
+    result["prediction"] = score_predictions(scored, prompts, settings)
+    scored.experts.close()
     return result
 
 
-def reset_counters(model: MoEModel, scorer: PredictionScorer) -> None:
+def score_predictions(model: MoEModel, prompts: list[list[int]], settings: OffloadBenchSettings) -> dict:
+    """Precision/recall by distance of the model's forecaster over the prompts, run untimed with a scorer attached."""
+    scorer = PredictionScorer(model.spec.num_layers, settings.score_threshold)
+    model.experts.forecaster.scorer = scorer
+    try:
+        for prompt in prompts:
+            decode_tokens_per_s(model, prompt, settings.new_tokens)
+    finally:
+        model.experts.forecaster.scorer = None
+    return scorer.report()
+
+
+def reset_counters(model: MoEModel) -> None:
     """Forget what warm-up counted (after the prefetcher has finished its work)."""
     experts = model.experts
     if not isinstance(experts, OffloadedExperts):
@@ -207,7 +225,6 @@ def reset_counters(model: MoEModel, scorer: PredictionScorer) -> None:
         experts.prefetcher.wait_until_idle()
         experts.prefetcher.stats = type(experts.prefetcher.stats)()
     experts.pool.stats = PoolStats()
-    scorer.counts.clear()
 
 
 def pool_summary(stats: PoolStats, tokens: int) -> dict:
@@ -234,17 +251,15 @@ def tiny_family_prediction(settings: OffloadBenchSettings, requests_per_domain: 
     config = OffloadConfig(device_budget=2**40, prefetch=False, window=settings.window, min_probability=settings.min_probability)
     model = load_offloaded_model(demo.base, config, dtype=torch.float32)
     calibrate(model, calibration, settings.new_tokens, "base")
-    scorer = PredictionScorer(model.spec.num_layers, settings.score_threshold)
-    model.experts.forecaster.scorer = scorer
-    calibrate(model, evaluation, settings.new_tokens, "base")
-    return scorer.report()
+    return score_predictions(model, evaluation, settings)
 
 
 def format_table(result: dict) -> str:
     lines = [
         (
             f"store: {result['store']} ({result['expert_count']} experts, {result['expert_bytes'] / 2**20:.0f} MiB), "
-            f"{result.get('device', 'cpu')}, threads: {result['threads']}, {result['new_tokens']} new tokens, median of {result['repeats']} requests, cold page cache"
+            f"{result.get('device', 'cpu')}, threads: {result['threads']}, {result['new_tokens']} new tokens, median of {result['repeats']} requests, cold page cache "
+            f"({'O_DIRECT' if result.get('direct_io', True) else 'page-cache'} reads)"
         ),
         f"{'budget':>10} {'system':>9} {'tok/s':>8} {'hit rate':>9} {'prefetch acc':>13} {'disk MB/tok':>12} {'wait s/tok':>11}",
     ]

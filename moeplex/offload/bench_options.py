@@ -22,6 +22,7 @@ class OffloadBenchSettings:
     threads: int = 1
     seed: int = 0
     device: str = "cpu"  # where the experts are made resident and computed (cpu or cuda)
+    direct_io: bool = True  # False: expert reads go through the page cache (its pages dropped after each read)
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +36,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-probability", type=float, default=defaults.min_probability, help=f"prefetch experts at least this likely (default: {defaults.min_probability})")
     parser.add_argument("--score-threshold", type=float, default=defaults.score_threshold, help=f"experts at least this likely count as predicted in precision/recall (default: {defaults.score_threshold})")
     add_threads_option(parser, defaults.threads)
+    parser.add_argument("--page-cache-reads", action="store_true", help="read expert files through the page cache (dropping its pages after each read) instead of with O_DIRECT, to compare the two")
     parser.add_argument("--device", default=defaults.device, help="cpu, or cuda: experts computed on the GPU, read from disk on demand or by the prefetcher (default: cpu)")
 
 
@@ -45,6 +47,7 @@ def run_from_options(args: argparse.Namespace) -> dict:
     settings = OffloadBenchSettings(
         budgets=tuple(args.budgets), new_tokens=args.new_tokens, repeats=args.repeats, window=args.window,
         min_probability=args.min_probability, score_threshold=args.score_threshold, threads=args.threads, device=args.device,
+        direct_io=not args.page_cache_reads,
     )
     result = run_offload_benchmark(args.store or bench_store(), settings)
     return publish(format_table(result), result, args.json)

@@ -75,21 +75,31 @@ class RouterLookahead:
     def __init__(self, routers: list[torch.Tensor | None], top_k: int, mlp_norms: list[torch.Tensor] | None = None, eps: float = 1e-6):
         self.routers, self.top_k = routers, top_k  # per layer [E, H], None for dense layers
         self.mlp_norms, self.eps = mlp_norms, eps  # per layer [H]: what turns a residual into that layer's router input
+        self._stacked: dict[tuple[int, ...], torch.Tensor] = {}  # target layers -> their routers as one [W*E, H] matrix
 
     def predict(self, hidden: torch.Tensor, layers: list[int]) -> torch.Tensor:
-        """[len(layers), E] probability that the batch hidden [T, H] needs each expert, on the CPU (like the traces)."""
-        return torch.stack([self._need(hidden, layer) for layer in layers]).cpu()
+        """[len(layers), E] probability that the batch hidden [T, H] needs each expert, on the CPU (like the traces).
+
+        All target layers' routers run as one matmul (one call per layer cost more host time than the math).
+        """
+        return self._need(hidden, layers).cpu()
 
     def predict_from_residual(self, residual: torch.Tensor, layer: int) -> torch.Tensor:
         """[E] probability that the batch needs each expert at `layer`, from the residual stream [T, H] entering it."""
         if self.mlp_norms is None:
             raise ValueError("predicting from the residual stream needs the layers' MLP norms")
-        return self._need(rms_norm(residual, self.mlp_norms[layer], self.eps), layer).cpu()
+        return self._need(rms_norm(residual, self.mlp_norms[layer], self.eps), [layer])[0].cpu()
 
-    def _need(self, router_input: torch.Tensor, layer: int) -> torch.Tensor:
-        probs = torch.softmax(linear(router_input, self.routers[layer]).float(), dim=-1)  # [T, E]
-        chosen = torch.topk(probs, self.top_k, dim=-1).indices  # [T, k]
-        picks = (self.top_k * probs).clamp(max=1.0).scatter(1, chosen, 1.0)  # [T, E]
+    def _need(self, router_input: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """[W, E] for the W target layers, from router_input [T, H]."""
+        key = tuple(layers)
+        routers = self._stacked.get(key)
+        if routers is None:
+            routers = self._stacked[key] = torch.cat([self.routers[layer] for layer in layers])  # [W*E, H]
+        logits = linear(router_input, routers).float().unflatten(-1, (len(layers), -1))  # [T, W, E]
+        probs = torch.softmax(logits, dim=-1)
+        chosen = torch.topk(probs, self.top_k, dim=-1).indices  # [T, W, k]
+        picks = (self.top_k * probs).clamp(max=1.0).scatter(-1, chosen, 1.0)  # [T, W, E]
         return 1.0 - torch.prod(1.0 - picks, dim=0)
 
 

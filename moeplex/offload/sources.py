@@ -93,8 +93,10 @@ class StoreExpertSource:
         dtype: torch.dtype,
         precision_of: Mapping[str, str] | None = None,
         group_size: int = DEFAULT_GROUP_SIZE,
+        direct_io: bool = True,
     ):
         self.root, self.manifest, self.dtype = Path(root), manifest, dtype
+        self.direct_io = direct_io  # False: read through the page cache and drop its pages (what reads cost before O_DIRECT)
         self.shapes = _shapes(spec)
         self.precision_of = {key: p for key, p in (precision_of or {}).items() if p != UNQUANTIZED}
         self.group_size = group_size
@@ -123,7 +125,7 @@ class StoreExpertSource:
             raise ExpertReadError(f"expert {key} is not in the manifest of {self.root}")
         path = self.root / entry.file
         try:
-            tensors, nbytes = read_safetensors_uncached(path)
+            tensors, nbytes = read_safetensors_uncached(path, self.direct_io)
             if nbytes != entry.bytes:
                 raise ValueError(f"{nbytes} bytes, the manifest says {entry.bytes}")
         except (OSError, ValueError) as exc:

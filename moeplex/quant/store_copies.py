@@ -29,6 +29,7 @@ from moeplex.quant.formats import DEFAULT_GROUP_SIZE, UNQUANTIZED
 from moeplex.quant.int4 import Int4Weight, int4_codes
 from moeplex.quant.int8 import Int8Weight, quantize_int8
 from moeplex.quant.precision import LinearWeight, check_precision
+from moeplex.store.aligned_safetensors import save_aligned
 from moeplex.store.atomic import replace_file
 from moeplex.store.blobs import read_checked
 from moeplex.store.checksums import sha256_bytes
@@ -208,7 +209,7 @@ def _write_copy(reader: StoreReader, expert_id: str, precision: str, group_size:
         for matrix in MATRICES
         for name, tensor in _stored_tensors(expert[matrix].to(COPY_SOURCE_DTYPE), precision, group_size).items()
     }
-    data = safetensors.torch.save(tensors)
+    data = save_aligned(tensors)
     relative = quantized_file(fmt, expert_id)
     path = reader.path / relative
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from moeplex.consolidate.family_spec import BASE, VARIANT_NAME, FamilySpec, Open
 from moeplex.consolidate.plan import ConsolidationPlan, identity_plan
 from moeplex.families.base import read_backbone_tensor
 from moeplex.model.weights import open_checkpoint
+from moeplex.store.aligned_safetensors import save_aligned
 from moeplex.store.atomic import staged_folder
 from moeplex.store.checksums import checkpoint_fingerprint, safetensors_bytes, sha256_bytes, sha256_file
 from moeplex.store.errors import StoreError
@@ -127,7 +128,7 @@ def _write_experts(
     read = checkpoint_expert_reader(checkpoints)
     for group in tqdm(groups_in_use, desc="experts", unit="expert", disable=not progress, leave=False):
         tensors = materialize_expert(plan.groups[group], read, dtype)
-        data = safetensors.torch.save(tensors)
+        data = save_aligned(tensors)
         expert_id = sha256_bytes(data)
         if expert_id not in experts:
             (staging / expert_file(expert_id)).write_bytes(data)
