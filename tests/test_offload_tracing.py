@@ -149,11 +149,13 @@ def test_router_lookahead_from_the_residual_uses_the_target_layers_own_norm():
     residual = torch.randn(3, hidden_size, generator=generator) * 7
     lookahead = RouterLookahead(routers, TOP_K, norms, eps=1e-6)
     router_input = residual * torch.rsqrt(residual.pow(2).mean(-1, keepdim=True) + 1e-6) * norms[2]
-    assert torch.allclose(lookahead.predict_from_residual(residual, 2), lookahead.predict(router_input, [2])[0])
+    from_residual = lookahead.predict_from_residual(residual, [2, 1])
+    assert torch.allclose(from_residual[0], lookahead.predict(router_input, [2])[0], atol=1e-6)
+    assert torch.allclose(from_residual[1], lookahead.predict(router_input / norms[2] * norms[1], [1])[0], atol=1e-6)
     other_norm = lookahead.predict(residual * torch.rsqrt(residual.pow(2).mean(-1, keepdim=True)) * norms[1], [2])[0]
-    assert not torch.allclose(lookahead.predict_from_residual(residual, 2), other_norm)
+    assert not torch.allclose(from_residual[0], other_norm)
     with pytest.raises(ValueError, match="MLP norms"):
-        RouterLookahead(routers, TOP_K).predict_from_residual(residual, 2)
+        RouterLookahead(routers, TOP_K).predict_from_residual(residual, [2])
 
 
 def test_combined_prediction_uses_trace_matching_alone_for_the_next_token():
@@ -169,6 +171,21 @@ def test_combined_prediction_uses_trace_matching_alone_for_the_next_token():
     ahead = lookahead.predict(hidden, [2, 0])
     assert torch.allclose(got[0], 0.6 * ahead[0] + 0.4 * matched[0])
     assert torch.allclose(got[1], matched[1])
+
+
+def test_combined_prediction_from_the_residual_blends_like_at_the_router():
+    generator = torch.Generator().manual_seed(27)
+    library = TraceLibrary(LAYERS, EXPERTS)
+    library.add("v", pattern([[0, 1], [2, 3], [4, 5]]))
+    matcher = TraceMatcher(tracer_over(library, "v", pattern([[0, 1], [], []])), TOP_K)
+    norms = [torch.rand(8, generator=generator) + 0.5 for _ in range(LAYERS)]
+    lookahead = RouterLookahead([torch.randn(EXPERTS, 8, generator=generator) for _ in range(LAYERS)], TOP_K, norms)
+    combined = CombinedPredictor(matcher, lookahead, lookahead_weight=0.6)
+    assert combined.reads_residuals and not CombinedPredictor(matcher, None).reads_residuals
+    residual = torch.randn(2, 8, generator=generator) * 5
+    got = combined.predict_from_residual(residual, [1, 2])
+    expected = 0.6 * lookahead.predict_from_residual(residual, [1, 2]) + 0.4 * matcher.predict([1, 2], tokens=2)
+    assert torch.allclose(got, expected, atol=1e-6)
 
 
 def test_scorer_counts_precision_and_recall_by_distance():
@@ -197,7 +214,7 @@ def test_scorer_revise_replaces_the_earlier_prediction_at_that_distance():
     assert report[2]["recall"] == 1.0
 
 
-def test_forecaster_revises_only_the_next_layer_of_the_same_token():
+def test_forecaster_revises_the_windows_layers_of_the_same_token_from_the_residual():
     from moeplex.offload.forecast import ExpertForecaster
 
     generator = torch.Generator().manual_seed(26)
@@ -208,11 +225,14 @@ def test_forecaster_revises_only_the_next_layer_of_the_same_token():
     forecaster = ExpertForecaster((True,) * LAYERS, ActivationTracer(TraceLibrary(LAYERS, EXPERTS)), CombinedPredictor(None, lookahead), window=2)
     forecaster.begin_request("v")
     hidden, residual = torch.randn(2, hidden_size, generator=generator), torch.randn(2, hidden_size, generator=generator)
-    before = forecaster.observe(0, hidden, random_choices(generator, 2)).window.clone()
+    forecaster.observe(0, hidden, random_choices(generator, 2))
     assert forecaster.revise(1, residual) is None, "layer 1 has not routed yet"
     revised = forecaster.revise(0, residual)
-    assert torch.allclose(revised.window[0], lookahead.predict_from_residual(residual, 1))
-    assert torch.allclose(revised.need[1], revised.window[0])
-    assert torch.equal(revised.window[1], before[1]), "layer 2 keeps the prediction made at layer 0"
+    assert torch.allclose(revised.window, lookahead.predict_from_residual(residual, [1, 2]))
+    assert torch.allclose(revised.need[1:3], revised.window)
+    before = forecaster.observe(1, hidden, random_choices(generator, 2)).window.clone()  # targets 2 and 0 (the next token's)
+    revised = forecaster.revise(1, residual)
+    assert torch.allclose(revised.window[0], lookahead.predict_from_residual(residual, [2])[0])
+    assert torch.equal(revised.window[1], before[1]), "the next token's first layer keeps the prediction made at layer 1"
     forecaster.observe(2, hidden, random_choices(generator, 2))
-    assert forecaster.revise(2, residual) is None, "the next token's first layer is not predicted from this token"
+    assert forecaster.revise(2, residual) is None, "the next token's layers are not predicted from this token"

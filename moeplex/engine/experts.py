@@ -134,7 +134,7 @@ class OffloadedStepExperts:
         return self.pooled.run(hidden, rows, weights, self.keys, prefetch)
 
     def after_layer(self, layer: int, residuals: dict[str, torch.Tensor]) -> None:
-        """Layer `layer` has run: each variant re-predicts its next layer from its rows of the residual; prefetch for them."""
+        """Layer `layer` has run: each variant re-predicts its window's layers from its rows of the residual; prefetch for them."""
         forecasts = []
         for variant, residual in residuals.items():
             outlook = self.forecasters[variant].revise(layer, residual) if variant in self.forecasters else None

@@ -35,6 +35,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
+def unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [.., H] scaled to unit root mean square in fp32 (one fused op), cast back: rms_norm without its weight."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
 def swiglu_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """silu(x W_gate) * (x W_up) W_down, with gate and up fused as gate_up [2I, H]."""
     gate, up = linear(x, gate_up).chunk(2, dim=-1)  # [T, I] each

@@ -69,21 +69,24 @@ class ExpertForecaster:
         return self._last
 
     def revise(self, layer: int, residual: torch.Tensor) -> Outlook | None:
-        """Layer `layer` has run and residual [T, H] enters the next one: the outlook with the next layer re-predicted.
+        """Layer `layer` has run and residual [T, H] enters the next one: the outlook with its window re-predicted from it.
 
-        Only when the next layer is sparse and this token's (the next token's first layer depends on a token
-        not chosen yet) and the predictor can read a residual; else None.
+        Only the window's layers of this token are (the next token's depend on a token not chosen yet),
+        and only when the predictor can read a residual; else None.
         """
         outlook = self._last
-        if outlook is None or outlook.layer != layer or not outlook.distances or outlook.distances[0] != 1 or layer + 1 >= self.num_layers:
+        if outlook is None or outlook.layer != layer or not self.predictor.reads_residuals:
             return None
-        row = self.predictor.revise(residual, outlook.targets[0])
-        if row is None:
+        rows = [i for i, distance in enumerate(outlook.distances) if layer + distance < self.num_layers]
+        if not rows:
             return None
-        outlook.window[0] = row
-        outlook.need[outlook.targets[0]] = row
+        targets = [outlook.targets[i] for i in rows]
+        revised = self.predictor.predict_from_residual(residual, targets)  # [len(rows), E]
+        outlook.window[rows] = revised
+        outlook.need[targets] = revised
         if self.scorer is not None:
-            self.scorer.revise(layer, outlook.targets[0], 1, row)
+            for i, row in zip(rows, revised):
+                self.scorer.revise(layer, outlook.targets[i], outlook.distances[i], row)
         return outlook
 
     def _targets(self, layer: int) -> tuple[list[int], list[int]]:

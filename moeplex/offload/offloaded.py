@@ -232,7 +232,7 @@ class OffloadedExperts:
         return self.pooled.run(hidden, expert_ids, routing_weights, self.table[layer], prefetch)
 
     def after_layer(self, layer: int, residual: torch.Tensor) -> None:
-        """Layer `layer` has run: re-predict the next layer from the residual [T, H] entering it and prefetch for it.
+        """Layer `layer` has run: re-predict the window's layers of this token from the residual [T, H]; prefetch for them.
 
         Only the prefetch queue is re-planned: the trace-aware policy computes its reuse rates lazily from
         the same outlook's need table, so it sees the revision without computing them again.

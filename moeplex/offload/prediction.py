@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from moeplex.model.ops import linear, rms_norm
+from moeplex.model.ops import linear, unit_rms
 from moeplex.offload.tracing import ActivationTracer
 
 
@@ -66,16 +66,18 @@ class RouterLookahead:
     flat (next-layer recall 0.60 -> 0.77 on the tiny demo family, 0.52 -> 0.68 on the bench family,
     `moeplex bench offload`, docs/offloading.md).
 
-    Once layer l has run, `predict_from_residual` revises the next layer's prediction from the residual
-    stream after it, normalized by the next layer's own MLP norm: only the next layer's attention is
+    Once layer l has run, `predict_from_residual` predicts later layers from the residual stream after
+    it, normalized as each target layer's own MLP norm would: for the next layer only its attention is
     then missing from its router input (next-layer recall 0.77 -> 0.85 on the tiny demo family, 0.68 ->
-    0.72 on the bench family, `moeplex bench offload`).
+    0.72 on the bench family, `moeplex bench offload`). Each target's norm weight is folded into its
+    router once, so the residual is normalized once for all targets and they run as one matmul.
     """
 
     def __init__(self, routers: list[torch.Tensor | None], top_k: int, mlp_norms: list[torch.Tensor] | None = None, eps: float = 1e-6):
         self.routers, self.top_k = routers, top_k  # per layer [E, H], None for dense layers
         self.mlp_norms, self.eps = mlp_norms, eps  # per layer [H]: what turns a residual into that layer's router input
         self._stacked: dict[tuple[int, ...], torch.Tensor] = {}  # target layers -> their routers as one [W*E, H] matrix
+        self._stacked_normed: dict[tuple[int, ...], torch.Tensor] = {}  # the same with each router scaled by its layer's MLP norm
 
     def predict(self, hidden: torch.Tensor, layers: list[int]) -> torch.Tensor:
         """[len(layers), E] probability that the batch hidden [T, H] needs each expert, on the CPU (like the traces).
@@ -84,11 +86,19 @@ class RouterLookahead:
         """
         return self._need(hidden, layers).cpu()
 
-    def predict_from_residual(self, residual: torch.Tensor, layer: int) -> torch.Tensor:
-        """[E] probability that the batch needs each expert at `layer`, from the residual stream [T, H] entering it."""
+    def predict_from_residual(self, residual: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """[len(layers), E] probability that the batch needs each expert at each layer, from the residual stream [T, H].
+
+        rms_norm(residual, norm) @ router.T is computed as unit_rms(residual) @ (router * norm).T.
+        """
         if self.mlp_norms is None:
             raise ValueError("predicting from the residual stream needs the layers' MLP norms")
-        return self._need(rms_norm(residual, self.mlp_norms[layer], self.eps), [layer])[0].cpu()
+        key = tuple(layers)
+        routers = self._stacked_normed.get(key)
+        if routers is None:
+            routers = self._stacked_normed[key] = torch.cat([self.routers[layer] * self.mlp_norms[layer] for layer in layers])
+        unit = unit_rms(residual, self.eps)
+        return self._need_from_logits(linear(unit, routers), len(layers)).cpu()
 
     def _need(self, router_input: torch.Tensor, layers: list[int]) -> torch.Tensor:
         """[W, E] for the W target layers, from router_input [T, H]."""
@@ -96,7 +106,11 @@ class RouterLookahead:
         routers = self._stacked.get(key)
         if routers is None:
             routers = self._stacked[key] = torch.cat([self.routers[layer] for layer in layers])  # [W*E, H]
-        logits = linear(router_input, routers).float().unflatten(-1, (len(layers), -1))  # [T, W, E]
+        return self._need_from_logits(linear(router_input, routers), len(layers))
+
+    def _need_from_logits(self, stacked_logits: torch.Tensor, targets: int) -> torch.Tensor:
+        """[W, E] from the W target layers' router logits side by side [T, W*E]."""
+        logits = stacked_logits.float().unflatten(-1, (targets, -1))  # [T, W, E]
         probs = torch.softmax(logits, dim=-1)
         chosen = torch.topk(probs, self.top_k, dim=-1).indices  # [T, W, k]
         picks = (self.top_k * probs).clamp(max=1.0).scatter(-1, chosen, 1.0)  # [T, W, E]
@@ -108,30 +122,36 @@ class CombinedPredictor:
 
     When both are on, layers of the next token (the window wraps past the last layer) use trace
     matching alone: their router input does not exist yet. Look-ahead alone guesses them from the
-    current token's router input.
+    current token's hidden state.
     """
 
     def __init__(self, matcher: TraceMatcher | None, lookahead: RouterLookahead | None, lookahead_weight: float = 0.7):
         if matcher is None and lookahead is None:
             raise ValueError("a predictor needs trace matching, router look-ahead or both")
         self.matcher, self.lookahead, self.lookahead_weight = matcher, lookahead, lookahead_weight
+        self._weights: dict[tuple[bool, ...], torch.Tensor] = {}  # same_token -> [W, 1] look-ahead weight per target
+
+    @property
+    def reads_residuals(self) -> bool:
+        """Whether `predict_from_residual` works (router look-ahead with the layers' MLP norms)."""
+        return self.lookahead is not None and self.lookahead.mlp_norms is not None
 
     def predict(self, hidden: torch.Tensor, layers: list[int], same_token: list[bool]) -> torch.Tensor:
-        """[len(layers), E] need probabilities for the target layers; same_token[i]: layers[i] is still this token's."""
+        """[len(layers), E] need probabilities for the target layers from a router input hidden [T, H];
+        same_token[i]: layers[i] is still this token's."""
         if self.lookahead is None:
             return self.matcher.predict(layers, hidden.shape[0])
-        ahead = self.lookahead.predict(hidden, layers)
-        if self.matcher is None:
-            return ahead
-        weight = torch.tensor([self.lookahead_weight if same else 0.0 for same in same_token])[:, None]  # [W, 1]
-        return weight * ahead + (1 - weight) * self.matcher.predict(layers, hidden.shape[0])
+        return self._blend(self.lookahead.predict(hidden, layers), layers, same_token, hidden.shape[0])
 
-    def revise(self, residual: torch.Tensor, layer: int) -> torch.Tensor | None:
-        """[E] need probabilities at `layer` from the residual stream entering it (blended like `predict`); None without look-ahead."""
-        if self.lookahead is None or self.lookahead.mlp_norms is None:
-            return None
-        ahead = self.lookahead.predict_from_residual(residual, layer)
+    def predict_from_residual(self, residual: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """The same for later layers of this token, from the residual stream [T, H] after a layer (needs `reads_residuals`)."""
+        return self._blend(self.lookahead.predict_from_residual(residual, layers), layers, [True] * len(layers), residual.shape[0])
+
+    def _blend(self, ahead: torch.Tensor, layers: list[int], same_token: list[bool], tokens: int) -> torch.Tensor:
         if self.matcher is None:
             return ahead
-        matched = self.matcher.predict([layer], residual.shape[0])[0]
-        return self.lookahead_weight * ahead + (1 - self.lookahead_weight) * matched
+        key = tuple(same_token)
+        weight = self._weights.get(key)
+        if weight is None:
+            weight = self._weights[key] = torch.tensor([self.lookahead_weight if same else 0.0 for same in same_token])[:, None]
+        return torch.lerp(self.matcher.predict(layers, tokens), ahead, weight)
