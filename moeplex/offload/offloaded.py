@@ -183,9 +183,11 @@ class PooledExperts:
     def _variant_requests(self, forecast: Forecast) -> list[PrefetchRequest]:
         """Experts at least min_probability likely in the window; a key shared by positions once, at its best."""
         outlook, best = forecast.outlook, {}
-        for target, distance, row in zip(outlook.targets, outlook.distances, outlook.window):
-            for expert in torch.nonzero(row >= self.min_probability).flatten().tolist():
-                request = PrefetchRequest(forecast.table[target][expert], float(row[expert]), distance)
+        for target, distance, row in zip(outlook.targets, outlook.distances, outlook.window.tolist()):
+            for expert, probability in enumerate(row):
+                if probability < self.min_probability:
+                    continue
+                request = PrefetchRequest(forecast.table[target][expert], probability, distance)
                 known = best.get(request.key)
                 if known is None or request.order() < known.order():
                     best[request.key] = request

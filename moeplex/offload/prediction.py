@@ -14,6 +14,8 @@ from moeplex.offload.tracing import ActivationTracer
 
 def batch_need(per_token: torch.Tensor, tokens: int) -> torch.Tensor:
     """Probability that at least one of `tokens` independent tokens picks each expert, from per-token odds."""
+    if tokens == 1:  # a decode step of one sequence: the odds themselves
+        return per_token.clamp(0.0, 1.0)
     return 1.0 - (1.0 - per_token.clamp(0.0, 1.0)) ** tokens
 
 
@@ -114,6 +116,8 @@ class RouterLookahead:
         probs = torch.softmax(logits, dim=-1)
         chosen = torch.topk(probs, self.top_k, dim=-1).indices  # [T, W, k]
         picks = (self.top_k * probs).clamp(max=1.0).scatter(-1, chosen, 1.0)  # [T, W, E]
+        if picks.shape[0] == 1:  # one token: its own odds
+            return picks[0]
         return 1.0 - torch.prod(1.0 - picks, dim=0)
 
 
