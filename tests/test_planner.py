@@ -280,3 +280,17 @@ def test_plan_help_lists_its_options(capsys):
 def test_plan_names_a_missing_store(tmp_path, capsys):
     assert main(["plan", str(tmp_path / "missing"), "--device-memory", "1x"]) == 1
     assert "missing" in capsys.readouterr().err
+
+
+def test_each_variant_is_scored_on_its_own_domains_heldout_text(store):
+    meter = StoreMeter(store, FAST)
+    assert meter.manifest.own_domain == {}
+    every = meter.heldout_texts()
+    assert all(torch.equal(ids, every["base"]) for ids in every.values())  # no own domain: every domain's text
+    meter.manifest.own_domain = {"python": "python", "cpp": "not a demo domain"}
+    texts = meter.heldout_texts()
+    assert 0 < texts["python"].numel() < every["base"].numel()
+    assert torch.equal(texts["python"], every["base"][: texts["python"].numel()])  # python is the first demo domain
+    assert torch.equal(texts["cpp"], every["base"]) and torch.equal(texts["base"], every["base"])
+    ppl, kl = meter.quality(texts)
+    assert ppl > 1 and kl == pytest.approx(0, abs=1e-6)  # all bf16: no KL from itself

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -17,6 +18,7 @@ from moeplex.model.runtime import MoEModel, load_model
 from moeplex.model.weights import open_checkpoint
 from moeplex.store import SCHEMA_VERSION, StoreError, StoreReader, export_variant, verify_store, write_store
 from moeplex.store import writer as store_writer
+from moeplex.store.manifest import read_manifest
 from tests.conftest import family_configs, make_hf_model
 
 # Which (layer, expert) each variant fine-tunes; every other expert stays byte-identical to the base.
@@ -241,6 +243,7 @@ def test_verify_finds_dangling_unused_and_unlisted_experts(store):
             "field 'experts' is missing",
         ),
         (lambda text: json.dumps(json.loads(text) | {"base": 7}), "field 'base' is missing or not a str"),
+        (lambda text: json.dumps(json.loads(text) | {"own_domain": {"nope": "prose"}}), "field 'own_domain' maps 'nope'"),
     ],
 )
 def test_damaged_manifest_is_a_clear_error(store, damage, message):
@@ -307,3 +310,14 @@ def test_manifest_without_base_field_reads_as_no_base(store):
     path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "base"}))
     assert StoreReader(store).base is None
     assert StoreReader(store).variants
+
+
+def test_manifest_records_each_variants_own_domain(mixtral_family, tmp_path):
+    """From the family YAML's own_domain; stores written before the field existed read it as empty."""
+    tuned = [v for v in mixtral_family.variants if v != "base"][:1]
+    family = dataclasses.replace(mixtral_family, own_domain=dict.fromkeys(tuned, "prose"))
+    store = write_store(family, identity_plan_of(family), tmp_path / "store", progress=False)
+    assert read_manifest(store).own_domain == dict.fromkeys(tuned, "prose")
+    path = store / "manifest.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "own_domain"}))
+    assert read_manifest(store).own_domain == {}

@@ -9,9 +9,12 @@ in turn at batch 1; the Profiler turns full and prefill-only runs into decode to
 
 Quality is always computed resident (where an expert lives does not change what it computes), on
 held-out text: the calibration text that chooses which experts to quantize is training-split text, on
-which a small model's perplexity can even drop when its experts are perturbed. Beside perplexity, the
-KL divergence from the all-bf16 model's predictions on the same text grows with how far quantization
-moves the model, even where perplexity cannot resolve it.
+which a small model's perplexity can even drop when its experts are perturbed. Each variant is scored
+on the held-out text of the domain it was fine-tuned on (the manifest's `own_domain`, when that is a
+demo text domain), the others on every domain's: off its domain a small fine-tune is confidently
+wrong, and noise in its experts can lower its perplexity there. Beside perplexity, the KL divergence
+from the all-bf16 model's predictions on the same text grows with how far quantization moves the
+model, even where perplexity cannot resolve it.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ class StoreMeter:
         self.timed_models: dict[str, MoEModel] = self.models  # what the timed runs use: resident or offloaded
         self.bank = next(iter(self.models.values())).experts.bank
         self.dense = self.bank.compute
-        self._reference: tuple[torch.Tensor, dict[str, list[torch.Tensor]]] | None = None
+        self._reference: tuple[Mapping[str, torch.Tensor], dict[str, list[torch.Tensor]]] | None = None
         self.expert_ids = list(self.bank.row_of)
         self.tokenizer_folder = self.store / TOKENIZER
         generator = torch.Generator().manual_seed(settings.seed)
@@ -102,11 +105,14 @@ class StoreMeter:
     def calibration_token_ids(self) -> torch.Tensor:
         return calibration_tokens(self.tokenizer_folder, self.settings.calibration_tokens_per_domain)
 
-    def heldout_token_ids(self) -> torch.Tensor:
-        """Held-out text of every demo domain (no model was trained on it), for perplexity."""
+    def heldout_texts(self) -> dict[str, torch.Tensor]:
+        """Variant -> held-out token ids (no model was trained on them): its own domain's, else every demo domain's."""
         tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_folder)
         per_domain = self.settings.heldout_tokens_per_domain
-        return torch.cat([heldout_token_ids(tokenizer, domain, per_domain) for domain in DOMAINS])
+        by_domain = {domain: heldout_token_ids(tokenizer, domain, per_domain) for domain in DOMAINS}
+        every_domain = torch.cat(list(by_domain.values()))
+        own = self.manifest.own_domain
+        return {variant: by_domain.get(own.get(variant), every_domain) for variant in self.models}
 
     def calibrate(self, token_ids: torch.Tensor) -> BankCalibration:
         self.use({})
@@ -134,21 +140,24 @@ class StoreMeter:
         full()
         return timed(full), timed(prefill)
 
-    def quality(self, token_ids: torch.Tensor) -> tuple[float, float]:
-        """(perplexity, KL from the all-bf16 model per token), each the mean over variants; experts resident, in the precisions of `use`."""
-        reference = self._reference_log_probs(token_ids)
-        scores = [windowed_ppl_and_kl(runtime_logits(m), token_ids, reference[v]) for v, m in self.models.items()]
+    def quality(self, texts: Mapping[str, torch.Tensor]) -> tuple[float, float]:
+        """(perplexity, KL from the all-bf16 model per token), each the mean over variants of its score on texts[variant].
+
+        Experts resident, in the precisions of `use`; texts as `heldout_texts` gives them.
+        """
+        reference = self._reference_log_probs(texts)
+        scores = [windowed_ppl_and_kl(runtime_logits(m), texts[v], reference[v]) for v, m in self.models.items()]
         return sum(ppl for ppl, _ in scores) / len(scores), sum(kl for _, kl in scores) / len(scores)
 
-    def _reference_log_probs(self, token_ids: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        """Each variant's all-bf16 log-probabilities on the tokens, computed once per token tensor (float32, [tokens, V])."""
-        if self._reference is None or self._reference[0] is not token_ids:
+    def _reference_log_probs(self, texts: Mapping[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        """Each variant's all-bf16 log-probabilities on its text, computed once per texts mapping (float32, [tokens, V])."""
+        if self._reference is None or self._reference[0] is not texts:
             compute, self.bank.compute = self.bank.compute, self.dense
             try:
-                log_probs = {v: window_log_probs(runtime_logits(m), token_ids) for v, m in self.models.items()}
+                log_probs = {v: window_log_probs(runtime_logits(m), texts[v]) for v, m in self.models.items()}
             finally:
                 self.bank.compute = compute
-            self._reference = (token_ids, log_probs)
+            self._reference = (texts, log_probs)
         return self._reference[1]
 
     def close(self) -> None:

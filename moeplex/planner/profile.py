@@ -34,7 +34,7 @@ class Profiler:
     def __init__(self, meter: StoreMeter, cache: MeasurementCache | None = None, expert_budget: int | None = None):
         self.meter, self.cache, self.expert_budget = meter, cache, expert_budget
         self.calibration_ids = meter.calibration_token_ids()
-        self.heldout_ids = meter.heldout_token_ids()
+        self.heldout = meter.heldout_texts()
         self.calibration = self._calibration()
         self.policy = LeastErrorFirst(self.calibration.errors, self.calibration.frequency)
         self.bytes_per_expert = meter.bytes_per_expert()
@@ -100,7 +100,7 @@ class Profiler:
         quality = {}
         for config in tqdm(configs, desc="perplexity and KL", unit="config"):
             self.meter.use(self.precisions(config))
-            quality[config] = self.meter.quality(self.heldout_ids)
+            quality[config] = self.meter.quality(self.heldout)
         return quality
 
     def _decode_rates(self, configs: list[Configuration]) -> dict[Configuration, float]:

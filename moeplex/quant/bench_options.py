@@ -99,7 +99,7 @@ def _run_store_parts(args: argparse.Namespace) -> dict:
     profiler = Profiler(meter, expert_budget=expert_budget)  # the selection part scores quality only: budget unused there
     result = {"store": str(store), "device_memory_bytes": device_bytes, "expert_budget_bytes": expert_budget}
     if "selection" in args.parts:
-        result["selection"] = compare_selections(profiler, profiler.heldout_ids)
+        result["selection"] = compare_selections(profiler, profiler.heldout)
         print(format_selection(result["selection"]))
     if "frontier" in args.parts:
         result.update(measure_frontier(profiler, args.frontier_steps))

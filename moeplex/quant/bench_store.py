@@ -7,6 +7,7 @@ calibration text (training split); perplexity is on held-out text no model was t
 from __future__ import annotations
 
 import statistics
+from collections.abc import Mapping
 
 import torch
 
@@ -19,7 +20,7 @@ INT4_FRACTIONS = (0.125, 0.25, 0.5, 0.75)  # 0 and 1 leave nothing to choose: ev
 RANDOM_SEEDS = (0, 1, 2)
 
 
-def compare_selections(profiler: Profiler, heldout: torch.Tensor, int4_fractions=INT4_FRACTIONS, seeds=RANDOM_SEEDS) -> dict:
+def compare_selections(profiler: Profiler, heldout: Mapping[str, torch.Tensor], int4_fractions=INT4_FRACTIONS, seeds=RANDOM_SEEDS) -> dict:
     """Held-out perplexity and KL from all bf16 (means over variants) at each memory point for each policy.
 
     Random is averaged over seeds. result[policy] holds perplexities, result["kl"][policy] the KLs.
@@ -33,7 +34,7 @@ def compare_selections(profiler: Profiler, heldout: torch.Tensor, int4_fractions
     meter.use({})
     result = {
         "bf16_ppl": meter.quality(heldout)[0],
-        "heldout_tokens": heldout.numel(),
+        "heldout_tokens": {variant: ids.numel() for variant, ids in heldout.items()},
         "int4_fraction": list(int4_fractions),
         "memory_points": [],  # expert bytes as a fraction of all-bf16 expert bytes
         "random_seeds": list(seeds),

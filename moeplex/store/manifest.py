@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from moeplex.store.errors import StoreError
@@ -53,6 +53,7 @@ class Manifest:
     dtypes: dict[str, list[str]]  # {"experts": [...], "backbones": [...]}: the dtypes stored
     bytes: dict[str, int]  # experts, backbones, store_total, sources_total, one_model
     base: str | None = None  # the name of the checkpoint the variants were fine-tuned from, if the family has one
+    own_domain: dict[str, str] = field(default_factory=dict)  # variant -> the domain it was fine-tuned on (family YAML), where given
 
     def blobs(self) -> list[tuple[str, BlobEntry]]:
         """(what it is, entry) for every file the manifest lists."""
@@ -96,6 +97,7 @@ class Manifest:
             dtypes=fields.get("dtypes", dict),
             bytes=fields.get("bytes", dict),
             base=fields.optional("base", str),
+            own_domain=fields.optional("own_domain", dict) or {},
         )
         _check_every_variant_is_complete(manifest, where)
         _check_tables_are_well_formed(manifest, where)
@@ -160,6 +162,9 @@ def _check_every_variant_is_complete(manifest: Manifest, where: Path) -> None:
             raise StoreError(f"{where}: variant '{variant}' has no backbone")
         if "config.json" not in manifest.variant_files.get(variant, {}):
             raise StoreError(f"{where}: variant '{variant}' has no config.json")
+    for variant, domain in manifest.own_domain.items():
+        if variant not in manifest.variants or not isinstance(domain, str):
+            raise StoreError(f"{where}: field 'own_domain' maps '{variant}' to {domain!r}; expected a variant and a domain name")
 
 
 def _check_tables_are_well_formed(manifest: Manifest, where: Path) -> None:

@@ -71,6 +71,7 @@ def write_store(
             dtypes={"experts": sorted(expert_dtypes), "backbones": sorted(backbone_dtypes)},
             bytes={},
             base=BASE if family.base is not None else None,
+            own_domain={v: domain for v, domain in family.own_domain.items() if v in variants},
         )
         manifest.bytes = _byte_counts(manifest)
         (staging / MANIFEST).write_text(manifest_text(manifest))
