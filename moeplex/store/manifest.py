@@ -100,6 +100,7 @@ class Manifest:
             own_domain=fields.optional("own_domain", dict) or {},
         )
         _check_every_variant_is_complete(manifest, where)
+        _check_own_domain_names_variants(manifest, where)
         _check_tables_are_well_formed(manifest, where)
         return manifest
 
@@ -162,6 +163,9 @@ def _check_every_variant_is_complete(manifest: Manifest, where: Path) -> None:
             raise StoreError(f"{where}: variant '{variant}' has no backbone")
         if "config.json" not in manifest.variant_files.get(variant, {}):
             raise StoreError(f"{where}: variant '{variant}' has no config.json")
+
+
+def _check_own_domain_names_variants(manifest: Manifest, where: Path) -> None:
     for variant, domain in manifest.own_domain.items():
         if variant not in manifest.variants or not isinstance(domain, str):
             raise StoreError(f"{where}: field 'own_domain' maps '{variant}' to {domain!r}; expected a variant and a domain name")
