@@ -149,7 +149,7 @@ class StepWeights:
         path = path.rstrip(".")
         matrices = self._matrices(values, path)
         if first.dim() == 2:
-            return GroupedWeight(matrices, rows.offsets, rows.host_offsets, rows.padded)
+            return GroupedWeight(matrices, rows.offsets, rows.host_offsets, rows.padded, rows.group_of_row)
         per_row = (matrices if isinstance(matrices, torch.Tensor) else torch.stack(matrices))[rows.group_of_row]  # [T, n]
         head_norm = self.spec.qk_norm == "head" and path.rsplit(".", 1)[-1] in HEAD_NORMS
         return per_row.unsqueeze(1) if head_norm else per_row

@@ -11,7 +11,15 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from moeplex.model.grouped import GroupedWeight, group_offsets, grouped_linear, grouped_matmul_available, runs_native_cpu_bf16
+from moeplex.model import native_gemv
+from moeplex.model.grouped import (
+    GroupedWeight,
+    group_offsets,
+    grouped_linear,
+    grouped_matmul_available,
+    native_gemv_pays,
+    runs_native_cpu_bf16,
+)
 from moeplex.model.ops import swiglu_mlp
 
 
@@ -80,9 +88,14 @@ MAX_GATHERED_BYTES = 3 * 2**20
 
 
 def gathered_gemv_pays(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
-    """Whether `gathered_expert_gemv` is the faster way for these tokens: bf16 on a CPU that runs it natively, small copies."""
+    """Whether `gathered_expert_gemv` is the faster way for these tokens: bf16 on a CPU that runs it natively, and
+    either the native GEMV (no copies) or small copies."""
+    if not runs_native_cpu_bf16(hidden):
+        return False
+    if native_gemv_pays(hidden, gate_up, rows=expert_ids.numel(), rows_per_matrix=1):
+        return True
     copy_bytes = expert_ids.numel() * (gate_up.shape[1] * gate_up.shape[2] + down.shape[1] * down.shape[2]) * gate_up.element_size()
-    return runs_native_cpu_bf16(hidden) and copy_bytes <= MAX_GATHERED_BYTES
+    return copy_bytes <= MAX_GATHERED_BYTES
 
 
 def gathered_expert_gemv(
@@ -95,16 +108,24 @@ def gathered_expert_gemv(
     """Weighted SwiGLU outputs [T, H] as two batched GEMVs, each (token, choice) times its own gathered expert.
 
     A decode step routes a few tokens over small experts; where each matmul call has a fixed cost (oneDNN's
-    bf16), copying the chosen experts and running one weight-first batched GEMV per matrix beats a grouped
-    matmul that calls once per expert (`gathered_gemv_pays`). No sorting is needed.
+    bf16), one call for all (token, choice) rows beats a grouped matmul that calls once per expert
+    (`gathered_gemv_pays`): the native gathered GEMV where it runs, which reads each expert in place, else a
+    weight-first batched GEMV over copies of the chosen experts. No sorting is needed.
     """
     tokens, top_k = expert_ids.shape
     flat = expert_ids.flatten()  # [T*k]
-    x = hidden.repeat_interleave(top_k, dim=0).unsqueeze(-1)  # [T*k, H, 1]
-    gate, up = torch.bmm(gate_up.index_select(0, flat), x).squeeze(-1).chunk(2, dim=-1)  # [T*k, I] each
-    y = torch.bmm(down.index_select(0, flat), (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # [T*k, H]
+    x = hidden.repeat_interleave(top_k, dim=0)  # [T*k, H]
+    gate, up = _rows_times_experts(x, gate_up, flat).chunk(2, dim=-1)  # [T*k, I] each
+    y = _rows_times_experts(F.silu(gate) * up, down, flat)  # [T*k, H]
     weighted = (y * routing_weights.flatten()[:, None]).to(hidden.dtype)  # rounded as each term of the index_add_ path
     return weighted.view(tokens, top_k, -1).sum(1)
+
+
+def _rows_times_experts(x: torch.Tensor, stack: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [R, in] -> [R, out]: row r times stack[index[r]] [out, in]."""
+    if native_gemv_pays(x, stack, rows_per_matrix=1):  # rows may share an expert; each reads its own in place
+        return native_gemv.gathered_gemv(x, stack, index)
+    return torch.bmm(stack.index_select(0, index), x.unsqueeze(-1)).squeeze(-1)
 
 
 class DenseExperts:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from moeplex.cpu_features import has_amx_bf16
+from moeplex.model import native_gemv
 from moeplex.model.bf16_upcast import bf16_matmul_is_emulated, upcast_pays
 
 
@@ -94,11 +95,15 @@ class GroupedWeight:
     offsets: torch.Tensor  # [G] int32, offsets[-1] == rows of the input
     host_offsets: list[int] | None = None  # the same on the host, when known there (saves a device sync per call)
     padded: PaddedRows | None = None  # the groups' rows as a padded batch, when the caller laid it out
+    group_of_row: torch.Tensor | None = None  # [T] int64: the group of each row, when the caller knows it
 
 
 def grouped_linear(x: torch.Tensor, weight: GroupedWeight) -> torch.Tensor:
     """x [T, in] -> [T, out], each row group times its own matrix (in fp32 where `bf16_upcast` says it pays)."""
     matrices = weight.matrices
+    if (isinstance(matrices, torch.Tensor) and weight.group_of_row is not None
+            and native_gemv_pays(x, matrices, rows_per_matrix=_largest_group(weight))):
+        return native_gemv.gathered_gemv(x, matrices, weight.group_of_row)
     if isinstance(matrices, torch.Tensor) and upcast_pays(x, x.shape[0] / matrices.shape[0], matrices[0].numel()):
         return grouped_linear(x.float(), dataclasses.replace(weight, matrices=matrices.float())).to(x.dtype)
     padded = weight.padded
@@ -115,6 +120,14 @@ def grouped_linear(x: torch.Tensor, weight: GroupedWeight) -> torch.Tensor:
             out[start:end] = F.linear(x[start:end], matrices[group])
         start = end
     return out
+
+
+def _largest_group(weight: GroupedWeight) -> int:
+    """The most rows any one group of weight has."""
+    if weight.padded is not None:
+        return weight.padded.rows
+    ends = weight.host_offsets or weight.offsets.tolist()
+    return max(end - start for start, end in zip([0, *ends], ends))
 
 
 def padded_linear(x: torch.Tensor, matrices: torch.Tensor, padded: PaddedRows) -> torch.Tensor:
@@ -152,6 +165,27 @@ def mv_pays(x: torch.Tensor) -> bool:
     if x.device.type != "cpu":
         return False
     return has_amx_bf16() or not runs_native_cpu_bf16(x)
+
+
+# When moeplex's native gathered GEMV beats oneDNN's bf16 matmul (docs/benchmarks.md, "The native gathered
+# GEMV"). Timed on the 2-core Xeon (AMX-BF16, AVX512-BF16), 1 and 2 threads, 128-4096 x 128-2048 matrices: with one row it took 0.35-0.5x oneDNN's time at every size; it computes
+# at a fixed rate per row and weight, so with more rows on one matrix it wins only while the matrix is
+# wide (up to 4 rows: memory-bound either way) or the work is small (oneDNN's ~20 us per call dominates).
+NATIVE_GEMV_MAX_ROWS = 16  # rows of one call
+NATIVE_GEMV_MAX_ROWS_ANY_SIZE = 4  # rows per matrix at which it won at every size
+NATIVE_GEMV_MAX_WORK = 2**19  # rows per matrix x weights per matrix up to which it won beyond that
+
+
+def native_gemv_pays(x: torch.Tensor, matrices: torch.Tensor, rows: int | None = None, rows_per_matrix: int | None = None) -> bool:
+    """Whether rows of x [T, in] times matrices [N, out, in] (or one matrix [out, in]) run faster in `moeplex.model.native_gemv`.
+
+    rows: how many rows the call multiplies (T by default); rows_per_matrix: the most that share one matrix
+    (all of them by default).
+    """
+    rows = x.shape[0] if rows is None else rows
+    sharing = rows if rows_per_matrix is None else rows_per_matrix
+    small = sharing <= NATIVE_GEMV_MAX_ROWS_ANY_SIZE or sharing * matrices.shape[-1] * matrices.shape[-2] <= NATIVE_GEMV_MAX_WORK
+    return rows <= NATIVE_GEMV_MAX_ROWS and small and native_gemv.fits(x, matrices) and native_gemv.available()
 
 
 def _kernel_aligned(t: torch.Tensor) -> bool:

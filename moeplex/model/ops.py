@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from moeplex.model.bf16_upcast import upcast_pays
-from moeplex.model.grouped import GroupedWeight, grouped_linear, mv_pays
+from moeplex.model import native_gemv
+from moeplex.model.grouped import GroupedWeight, grouped_linear, mv_pays, native_gemv_pays
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | GroupedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -14,11 +15,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor | GroupedWeight, bias: torch.Te
 
     A GroupedWeight multiplies each row group by its own matrix (`moeplex.model.grouped`). A single
     row goes through torch.mv where its GEMV streams weights faster than F.linear's M=1 path (most CPUs;
-    `moeplex.model.grouped.mv_pays`; `moeplex bench decode` measures the effect end to end). Many bf16
+    `moeplex.model.grouped.mv_pays`; `moeplex bench decode` measures the effect end to end). A few bf16 rows
+    go through moeplex's native GEMV where it pays (`moeplex.model.grouped.native_gemv_pays`). Many bf16
     rows on a CPU that emulates bf16 matmuls are multiplied in fp32 (`moeplex.model.bf16_upcast`).
     """
     if isinstance(weight, GroupedWeight):
         out = grouped_linear(x, weight)
+        return out if bias is None else out + bias
+    if native_gemv_pays(x, weight):  # one matrix: every row's index is 0
+        out = native_gemv.gathered_gemv(x, weight.unsqueeze(0), torch.zeros(x.shape[0], dtype=torch.int64))
         return out if bias is None else out + bias
     if x.shape[0] == 1 and mv_pays(x):
         out = torch.mv(weight, x[0]).unsqueeze(0)

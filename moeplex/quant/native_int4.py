@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch  # imported before the kernel loads, so the kernel's libgomp is torch's (same soname)
 
+from moeplex.native_build import built_library
 from moeplex.switch import Switch
 
 SOURCE = Path(__file__).with_name("native") / "int4_matmul.c"
@@ -74,7 +72,7 @@ def _library() -> ctypes.CDLL | None:
     if sys.platform != "linux" or os.uname().machine != "x86_64":
         return None
     try:
-        library = ctypes.CDLL(str(_built_library()))
+        library = ctypes.CDLL(str(built_library(SOURCE, ("-fopenmp",))))
     except (OSError, subprocess.CalledProcessError, FileNotFoundError) as error:
         warnings.warn(f"moeplex's native int4 kernel could not be built ({error}); int4 uses torch's kernel", stacklevel=2)
         return None
@@ -86,24 +84,3 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
     ]
     return library
-
-
-def _built_library() -> Path:
-    """The cached shared object for this source and compiler, compiling it (atomically) if missing."""
-    from moeplex.demo.build import cache_dir
-
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise FileNotFoundError("no C compiler (cc or gcc) on PATH")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + version.encode()).hexdigest()[:16]
-    target = cache_dir() / "native" / f"int4_matmul-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        built = Path(scratch) / target.name
-        subprocess.run([compiler, "-O3", "-shared", "-fPIC", "-fopenmp", str(SOURCE), "-o", str(built)],
-                       capture_output=True, text=True, check=True)
-        os.replace(built, target)
-    return target
