@@ -119,17 +119,29 @@ def test_linear_and_grouped_linear_take_it_and_match_torch():
     torch.testing.assert_close(plain, F.linear(x.float(), stack[0].float(), bias.float()).to(bf16), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("tokens", [1, 4, 8])
-def test_experts_of_a_decode_step_match_the_copied_gemvs(tokens):
-    generator = torch.Generator().manual_seed(tokens)
-    experts, top_k, hidden_size, intermediate = 12, 2, 128, 96
+@pytest.mark.parametrize("tokens,experts", [(1, 12), (4, 12), (8, 12), (8, 3)])  # 3 experts: tokens share them
+def test_experts_of_a_decode_step_match_the_copied_gemvs(tokens, experts):
+    generator = torch.Generator().manual_seed(tokens * experts)
+    top_k, hidden_size, intermediate = 2, 128, 96
     gate_up = torch.randn(experts, 2 * intermediate, hidden_size, generator=generator).to(bf16) / 8
     down = torch.randn(experts, hidden_size, intermediate, generator=generator).to(bf16) / 8
     hidden = torch.randn(tokens, hidden_size, generator=generator).to(bf16)
     expert_ids = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)])
     weights = torch.rand(tokens, top_k, generator=generator)
-    native = experts_module.gathered_expert_gemv(hidden, expert_ids, weights, gate_up, down)
-    with native_gemv.SWITCH.turned_off():
-        copied = experts_module.gathered_expert_gemv(hidden, expert_ids, weights, gate_up, down)
+    native = experts_module.native_expert_gemv(hidden, expert_ids, weights, gate_up, down)
+    copied = experts_module.gathered_expert_gemv(hidden, expert_ids, weights, gate_up, down)
     scale = copied.abs().max()
     torch.testing.assert_close(native / scale, copied / scale, rtol=3e-2, atol=3e-2)
+    assert torch.equal(native[:1], experts_module.native_expert_gemv(hidden[:1], expert_ids[:1], weights[:1], gate_up, down))
+
+
+def test_experts_take_it_while_few_tokens_share_a_wide_expert():
+    wide_gate_up, wide_down = torch.empty(8, 4096, 1024, dtype=bf16), torch.empty(8, 1024, 2048, dtype=bf16)
+    hidden = torch.empty(8, 1024, dtype=bf16)
+    spread = torch.arange(16).remainder(8).view(8, 2)  # each expert chosen twice
+    crowded = torch.zeros(8, 2, dtype=torch.long)
+    crowded[:, 1] = torch.arange(8)  # expert 0 chosen by all 8 tokens
+    pays = experts_module.native_experts_pay
+    assert pays(hidden, spread, wide_gate_up, wide_down)
+    assert not pays(hidden, crowded, wide_gate_up, wide_down)  # one call would read expert 0 once per 4 tokens: oneDNN's grouped matmul wins
+    assert not pays(torch.empty(9, 1024, dtype=bf16), torch.arange(18).remainder(8).view(9, 2), wide_gate_up, wide_down)  # 18 rows

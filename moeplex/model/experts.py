@@ -88,14 +88,9 @@ MAX_GATHERED_BYTES = 3 * 2**20
 
 
 def gathered_gemv_pays(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
-    """Whether `gathered_expert_gemv` is the faster way for these tokens: bf16 on a CPU that runs it natively, and
-    either the native GEMV (no copies) or small copies."""
-    if not runs_native_cpu_bf16(hidden):
-        return False
-    if native_gemv_pays(hidden, gate_up, rows=expert_ids.numel(), rows_per_matrix=1):
-        return True
+    """Whether `gathered_expert_gemv` is the faster way for these tokens: bf16 on a CPU that runs it natively, small copies."""
     copy_bytes = expert_ids.numel() * (gate_up.shape[1] * gate_up.shape[2] + down.shape[1] * down.shape[2]) * gate_up.element_size()
-    return copy_bytes <= MAX_GATHERED_BYTES
+    return runs_native_cpu_bf16(hidden) and copy_bytes <= MAX_GATHERED_BYTES
 
 
 def gathered_expert_gemv(
@@ -108,24 +103,52 @@ def gathered_expert_gemv(
     """Weighted SwiGLU outputs [T, H] as two batched GEMVs, each (token, choice) times its own gathered expert.
 
     A decode step routes a few tokens over small experts; where each matmul call has a fixed cost (oneDNN's
-    bf16), one call for all (token, choice) rows beats a grouped matmul that calls once per expert
-    (`gathered_gemv_pays`): the native gathered GEMV where it runs, which reads each expert in place, else a
-    weight-first batched GEMV over copies of the chosen experts. No sorting is needed.
+    bf16), copying the chosen experts and running one weight-first batched GEMV per matrix beats a grouped
+    matmul that calls once per expert (`gathered_gemv_pays`). No sorting is needed.
     """
     tokens, top_k = expert_ids.shape
     flat = expert_ids.flatten()  # [T*k]
-    x = hidden.repeat_interleave(top_k, dim=0)  # [T*k, H]
-    gate, up = _rows_times_experts(x, gate_up, flat).chunk(2, dim=-1)  # [T*k, I] each
-    y = _rows_times_experts(F.silu(gate) * up, down, flat)  # [T*k, H]
-    weighted = (y * routing_weights.flatten()[:, None]).to(hidden.dtype)  # rounded as each term of the index_add_ path
+    x = hidden.repeat_interleave(top_k, dim=0).unsqueeze(-1)  # [T*k, H, 1]
+    gate, up = torch.bmm(gate_up.index_select(0, flat), x).squeeze(-1).chunk(2, dim=-1)  # [T*k, I] each
+    y = torch.bmm(down.index_select(0, flat), (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # [T*k, H]
+    return _summed_choices(y, routing_weights, hidden.dtype)
+
+
+def native_experts_pay(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether `native_expert_gemv` is the faster way: few (token, choice) rows, and few on any one expert unless it is small."""
+    rows = expert_ids.numel()
+    down_fits = down.is_contiguous() and down.shape[-1] % native_gemv.INPUTS_PER_STEP == 0
+    if not (down_fits and native_gemv_pays(hidden, gate_up, rows=rows, rows_per_matrix=1)):
+        return False
+    sharing = int(torch.bincount(expert_ids.flatten()).max())
+    return native_gemv_pays(hidden, gate_up, rows=rows, rows_per_matrix=sharing)
+
+
+def native_expert_gemv(
+    hidden: torch.Tensor,  # [T, H]
+    expert_ids: torch.Tensor,  # [T, k], rows of the stacks
+    routing_weights: torch.Tensor,  # [T, k]
+    gate_up: torch.Tensor,  # [N, 2I, H]
+    down: torch.Tensor,  # [N, H, I]
+) -> torch.Tensor:
+    """Weighted SwiGLU outputs [T, H] from the native gathered GEMV, each (token, choice) row times its expert in place.
+
+    The rows are sorted by expert first, so the kernel reads an expert that several tokens chose once for
+    up to four of them (`native_experts_pay`).
+    """
+    top_k = expert_ids.shape[1]
+    ids, order = expert_ids.flatten().sort(stable=True)  # [T*k] each
+    gate, up = native_gemv.gathered_gemv(hidden[order // top_k], gate_up, ids).chunk(2, dim=-1)  # [T*k, I] each, by expert
+    by_expert = native_gemv.gathered_gemv(F.silu(gate) * up, down, ids)  # [T*k, H]
+    y = torch.empty_like(by_expert).index_copy_(0, order, by_expert)  # back to (token, choice) order
+    return _summed_choices(y, routing_weights, hidden.dtype)
+
+
+def _summed_choices(y: torch.Tensor, routing_weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[T*k, H] outputs in (token, choice) order -> [T, H], each weighted by its routing weight."""
+    tokens, top_k = routing_weights.shape
+    weighted = (y * routing_weights.flatten()[:, None]).to(dtype)  # rounded as each term of the index_add_ path
     return weighted.view(tokens, top_k, -1).sum(1)
-
-
-def _rows_times_experts(x: torch.Tensor, stack: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [R, in] -> [R, out]: row r times stack[index[r]] [out, in]."""
-    if native_gemv_pays(x, stack, rows_per_matrix=1):  # rows may share an expert; each reads its own in place
-        return native_gemv.gathered_gemv(x, stack, index)
-    return torch.bmm(stack.index_select(0, index), x.unsqueeze(-1)).squeeze(-1)
 
 
 class DenseExperts:
@@ -136,6 +159,8 @@ class DenseExperts:
 
     def __call__(self, layer, hidden, expert_ids, routing_weights):
         gate_up, down = self.gate_up[layer], self.down[layer]
+        if native_experts_pay(hidden, expert_ids, gate_up, down):
+            return native_expert_gemv(hidden, expert_ids, routing_weights, gate_up, down)
         if gathered_gemv_pays(hidden, expert_ids, gate_up, down):
             return gathered_expert_gemv(hidden, expert_ids, routing_weights, gate_up, down)
         if grouped_matmul_available(hidden.device):

@@ -23,7 +23,7 @@
 #define TARGET "avx512f,avx512bw,avx512vl,avx512bf16"
 #define OUTPUTS_PER_BLOCK 16
 #define INPUTS_PER_STEP 32
-#define PARALLEL_MIN_WEIGHTS (1 << 20) /* weights per row run below which one thread does the run */
+#define PARALLEL_MIN_WEIGHTS (1 << 18) /* weights per row run below which one thread does the run */
 
 int moeplex_gathered_gemv_supported(void) {
     __builtin_cpu_init();
