@@ -1,17 +1,33 @@
-"""Build moeplex's C kernels with the system compiler on first use, cached under $MOEPLEX_CACHE/native.
+"""Build and load moeplex's C kernels: compiled with the system compiler on first use, cached under $MOEPLEX_CACHE/native.
 
-Each shared object is keyed by its source and the compiler's version, and compiled into a scratch
-folder, then moved into place, so concurrent first uses never load a half-written file.
+Each shared object is keyed by its source, flags and the compiler's version, and compiled into a
+scratch folder, then moved into place, so concurrent first uses never load a half-written file.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import warnings
 from pathlib import Path
+
+
+def load_kernel(source: Path, flags: tuple[str, ...], supported: str, what: str, fallback: str) -> ctypes.CDLL | None:
+    """The loaded library of source, or None where it cannot run: not x86-64 Linux, not built (warned), or
+    its `supported` function returns 0 on this CPU. what and fallback word the warning."""
+    if sys.platform != "linux" or os.uname().machine != "x86_64":
+        return None
+    try:
+        library = ctypes.CDLL(str(built_library(source, flags)))
+    except (OSError, subprocess.CalledProcessError, FileNotFoundError) as error:
+        warnings.warn(f"moeplex's {what} could not be built ({error}); {fallback}", stacklevel=3)
+        return None
+    return library if getattr(library, supported)() else None
 
 
 def built_library(source: Path, flags: tuple[str, ...] = ()) -> Path:

@@ -168,9 +168,10 @@ def mv_pays(x: torch.Tensor) -> bool:
 
 
 # When moeplex's native gathered GEMV beats oneDNN's bf16 matmul (docs/benchmarks.md, "The native gathered
-# GEMV"). Timed on the 2-core Xeon (AMX-BF16, AVX512-BF16), 1 and 2 threads, 128-4096 x 128-2048 matrices: with one row it took 0.35-0.5x oneDNN's time at every size; it computes
-# at a fixed rate per row and weight, so with more rows on one matrix it wins only while the matrix is
-# wide (up to 4 rows: memory-bound either way) or the work is small (oneDNN's ~20 us per call dominates).
+# GEMV"). Timed on the 2-core Xeon VM (AMX-BF16, AVX512-BF16) with 1 and 2 threads, 128-4096 x 128-2048
+# matrices: with one row it took 0.36-0.56x oneDNN's time at every size. Its cost grows with rows x weights
+# while oneDNN's hardly grows with rows, so with more rows on one matrix it won (or tied, within 7%) up to
+# 4 rows at every size, and beyond that only while the work stayed small.
 NATIVE_GEMV_MAX_ROWS = 16  # rows of one call
 NATIVE_GEMV_MAX_ROWS_ANY_SIZE = 4  # rows per matrix at which it won at every size
 NATIVE_GEMV_MAX_WORK = 2**19  # rows per matrix x weights per matrix up to which it won beyond that

@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
-import subprocess
-import sys
-import warnings
 from pathlib import Path
 
 import torch  # imported before the kernel loads, so the kernel's libgomp is torch's (same soname)
 
-from moeplex.native_build import built_library
+from moeplex.native_build import load_kernel
 from moeplex.switch import Switch
 
 SOURCE = Path(__file__).with_name("native") / "gathered_gemv.c"
@@ -70,14 +66,8 @@ def gathered_gemv(x: torch.Tensor, matrices: torch.Tensor, index: torch.Tensor, 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if sys.platform != "linux" or os.uname().machine != "x86_64":
-        return None
-    try:
-        library = ctypes.CDLL(str(built_library(SOURCE, ("-fopenmp",))))
-    except (OSError, subprocess.CalledProcessError, FileNotFoundError) as error:
-        warnings.warn(f"moeplex's native gathered GEMV could not be built ({error}); torch's matmuls are used", stacklevel=2)
-        return None
-    if not library.moeplex_gathered_gemv_supported():
+    library = load_kernel(SOURCE, ("-fopenmp",), "moeplex_gathered_gemv_supported", "native gathered GEMV", "torch's matmuls are used")
+    if library is None:
         return None
     library.moeplex_gathered_gemv.restype = ctypes.c_int
     library.moeplex_gathered_gemv.argtypes = [

@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
-import subprocess
-import sys
-import warnings
 from pathlib import Path
 
 import torch  # imported before the kernel loads, so the kernel's libgomp is torch's (same soname)
 
-from moeplex.native_build import built_library
+from moeplex.native_build import load_kernel
 from moeplex.switch import Switch
 
 SOURCE = Path(__file__).with_name("native") / "int4_matmul.c"
@@ -69,14 +65,8 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_ze
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if sys.platform != "linux" or os.uname().machine != "x86_64":
-        return None
-    try:
-        library = ctypes.CDLL(str(built_library(SOURCE, ("-fopenmp",))))
-    except (OSError, subprocess.CalledProcessError, FileNotFoundError) as error:
-        warnings.warn(f"moeplex's native int4 kernel could not be built ({error}); int4 uses torch's kernel", stacklevel=2)
-        return None
-    if not library.moeplex_int4_supported():
+    library = load_kernel(SOURCE, ("-fopenmp",), "moeplex_int4_supported", "native int4 kernel", "int4 uses torch's kernel")
+    if library is None:
         return None
     library.moeplex_int4_matmul.restype = ctypes.c_int
     library.moeplex_int4_matmul.argtypes = [
