@@ -86,6 +86,10 @@ def test_refuses_what_it_cannot_multiply():
         native_gemv.gathered_gemv(x, stack, index, torch.float16)
     with pytest.raises(native_gemv.NativeGemvError):
         native_gemv.gathered_gemv(x, stack.transpose(1, 2), index)  # not contiguous
+    with pytest.raises(native_gemv.NativeGemvError, match=r"outside 0\.\.1"):
+        native_gemv.gathered_gemv(x, stack, torch.tensor([0, 2]))
+    with pytest.raises(native_gemv.NativeGemvError, match=r"outside 0\.\.1"):
+        native_gemv.gathered_gemv(x, stack, torch.tensor([-1, 0]))
 
 
 def test_the_switch_turns_it_off():

@@ -4,7 +4,7 @@ A decode step multiplies a few token rows by small matrices: one per variant for
 mixed batch, one per token and choice for the experts. oneDNN's bf16 matmul costs ~20 us per call
 however small, and the batched forms that make one call of many (a padded `bmm`, gathered expert
 copies) copy or pad first; this kernel reads each row's matrix where it lies. It needs x86-64 with
-AVX512-BF16 (Zen 4, Sapphire Rapids and later) and a C compiler; it is built on first use and cached
+AVX512-BF16 (Sapphire Rapids, Zen 4 and later; timed on the Xeon VM only) and a C compiler; it is built on first use and cached
 like the native int4 kernel. Where either is missing, or MOEPLEX_NATIVE_GEMV=0, `available()` is False
 and the runtime keeps torch's paths. Which calls it takes: `moeplex.model.grouped.native_gemv_pays`.
 """
@@ -56,9 +56,11 @@ def gathered_gemv(x: torch.Tensor, matrices: torch.Tensor, index: torch.Tensor, 
         raise NativeGemvError(f"the native gathered GEMV writes float32 or bf16, not {out_dtype}")
     x, index = x.contiguous(), index.to(torch.int64).contiguous()
     out = torch.empty(x.shape[0], matrices.shape[1], dtype=out_dtype)
-    status = library.moeplex_gathered_gemv(x.data_ptr(), matrices.data_ptr(), index.data_ptr(), out.data_ptr(), x.shape[0],
-                                           matrices.shape[1], matrices.shape[2], int(out_dtype == torch.bfloat16),
+    status = library.moeplex_gathered_gemv(x.data_ptr(), matrices.data_ptr(), matrices.shape[0], index.data_ptr(), out.data_ptr(),
+                                           x.shape[0], matrices.shape[1], matrices.shape[2], int(out_dtype == torch.bfloat16),
                                            torch.get_num_threads())
+    if status == 2:
+        raise NativeGemvError(f"the native gathered GEMV got an index outside 0..{matrices.shape[0] - 1}")
     if status != 0:
         raise NativeGemvError(f"the native gathered GEMV refused x {tuple(x.shape)}, matrices {tuple(matrices.shape)}")
     return out
@@ -71,7 +73,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     library.moeplex_gathered_gemv.restype = ctypes.c_int
     library.moeplex_gathered_gemv.argtypes = [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
     ]
     return library

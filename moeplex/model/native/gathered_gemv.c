@@ -121,10 +121,12 @@ __attribute__((target(TARGET))) static void output_blocks(const uint16_t *x, con
     }
 }
 
-/* Returns 0, or 1 when k is not a multiple of 32. */
-__attribute__((target(TARGET))) int moeplex_gathered_gemv(const uint16_t *x, const uint16_t *w, const int64_t *index, void *y,
-                                                         int64_t rows, int64_t out, int64_t k, int bf16_out, int threads) {
+/* Returns 0; 1 when k is not a multiple of 32, 2 when an index is not in 0..matrices-1 (nothing written). */
+__attribute__((target(TARGET))) int moeplex_gathered_gemv(const uint16_t *x, const uint16_t *w, int64_t matrices, const int64_t *index,
+                                                         void *y, int64_t rows, int64_t out, int64_t k, int bf16_out, int threads) {
     if (k % INPUTS_PER_STEP) return 1;
+    for (int64_t r = 0; r < rows; r++)
+        if (index[r] < 0 || index[r] >= matrices) return 2;
     size_t y_item = bf16_out ? sizeof(uint16_t) : sizeof(float);
     for (int64_t r = 0; r < rows;) {
         int64_t count = 1;
