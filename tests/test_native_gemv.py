@@ -78,6 +78,8 @@ def test_refuses_what_it_cannot_multiply():
     x, stack, index = random_operands(2, 2, 16, 64, seed=4)
     with pytest.raises(native_gemv.NativeGemvError, match="multiple of 32"):
         native_gemv.gathered_gemv(x[:, :48], stack[:, :, :48].contiguous(), index)
+    with pytest.raises(native_gemv.NativeGemvError, match=r"x \(2, 32\)"):  # rows narrower than the matrices
+        native_gemv.gathered_gemv(x[:, :32].contiguous(), stack, index)
     with pytest.raises(native_gemv.NativeGemvError, match="float32"):
         native_gemv.gathered_gemv(x.float(), stack, index)
     with pytest.raises(native_gemv.NativeGemvError, match="index"):

@@ -117,8 +117,7 @@ def gathered_expert_gemv(
 def native_experts_pay(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
     """Whether `native_expert_gemv` is the faster way: few (token, choice) rows, and few on any one expert unless it is small."""
     rows = expert_ids.numel()
-    down_fits = down.is_contiguous() and down.shape[-1] % native_gemv.INPUTS_PER_STEP == 0
-    if not (down_fits and native_gemv_pays(hidden, gate_up, rows=rows, rows_per_matrix=1)):
+    if not (native_gemv.stack_fits(down) and native_gemv_pays(hidden, gate_up, rows=rows, rows_per_matrix=1)):
         return False
     sharing = int(torch.bincount(expert_ids.flatten()).max())
     return native_gemv_pays(hidden, gate_up, rows=rows, rows_per_matrix=sharing)

@@ -34,10 +34,16 @@ def available() -> bool:
     return SWITCH.on and _library() is not None
 
 
+def stack_fits(matrices: torch.Tensor) -> bool:
+    """Whether the kernel takes this stack [N, out, K] (or one matrix [out, K]): contiguous bf16 on the CPU, K a multiple of 32."""
+    return (matrices.dtype == torch.bfloat16 and matrices.device.type == "cpu" and matrices.is_contiguous()
+            and matrices.shape[-1] % INPUTS_PER_STEP == 0)
+
+
 def fits(x: torch.Tensor, matrices: torch.Tensor) -> bool:
-    """Whether the kernel takes these operands: rows [T, K] and a contiguous stack in bf16 on the CPU, K a multiple of 32."""
-    return (x.dim() == 2 and x.dtype == matrices.dtype == torch.bfloat16 and x.device.type == matrices.device.type == "cpu"
-            and matrices.is_contiguous() and x.shape[-1] % INPUTS_PER_STEP == 0)
+    """Whether the kernel takes rows x [T, K] times this stack: `stack_fits`, and x of its dtype, device and width K."""
+    return (x.dim() == 2 and x.dtype == matrices.dtype and x.device == matrices.device and x.shape[-1] == matrices.shape[-1]
+            and stack_fits(matrices))
 
 
 def gathered_gemv(x: torch.Tensor, matrices: torch.Tensor, index: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
