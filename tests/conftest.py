@@ -1,6 +1,10 @@
-"""Shared fixtures: small random Hugging Face MoE checkpoints of each family, saved locally."""
+"""Shared fixtures: small random Hugging Face MoE checkpoints of each family, saved locally; a Python without a C compiler."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -65,3 +69,14 @@ def hf_checkpoint(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"ckpt_{name}")
     model.save_pretrained(folder)
     return name, folder, model
+
+
+@pytest.fixture
+def python_without_compiler(tmp_path):
+    """Runs a script in a fresh Python whose C compiler is missing and whose cache is empty; returns its stdout."""
+    environment = {**os.environ, "CC": str(tmp_path / "no-such-compiler"), "MOEPLEX_CACHE": str(tmp_path / "cache")}
+
+    def run(script: str) -> str:
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, check=True).stdout
+
+    return run

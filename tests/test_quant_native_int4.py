@@ -1,9 +1,5 @@
 """moeplex's native CPU int4 kernel: exact to the dequantized matrix, same answers as torch's kernel, clear refusals."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -76,7 +72,7 @@ def test_shapes_the_layout_cannot_hold_are_refused():
         native_int4.matmul(torch.randn(1, 64), packed, 48, kernel_scales)
 
 
-def test_without_a_compiler_int4_falls_back_to_torchs_kernel(tmp_path):
+def test_without_a_compiler_int4_falls_back_to_torchs_kernel(python_without_compiler):
     script = (
         "import warnings, torch\n"
         "from moeplex.quant import native_int4\n"
@@ -86,9 +82,7 @@ def test_without_a_compiler_int4_falls_back_to_torchs_kernel(tmp_path):
         "    weight = quantize_int4(torch.randn(16, 64), 32)\n"
         "print(weight.kernel, native_int4.available(), any('could not be built' in str(w.message) for w in caught))\n"
     )
-    environment = {**os.environ, "CC": str(tmp_path / "no-such-compiler"), "MOEPLEX_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, check=True)
-    assert result.stdout.split() == ["cpu-tinygemm", "False", "True"]
+    assert python_without_compiler(script).split() == ["cpu-tinygemm", "False", "True"]
 
 
 def test_kernel_benchmark_times_every_kernel_at_every_token_count(monkeypatch):
