@@ -1,5 +1,7 @@
 """moeplex's native CPU int4 kernel: exact to the dequantized matrix, same answers as torch's kernel, clear refusals."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -18,16 +20,27 @@ def dequantized(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int
     return ((q.float().reshape(rows, -1, group_size) - 8) * scales + zeros).reshape(rows, columns)
 
 
-@pytest.mark.parametrize("rows,columns,group_size", [(64, 128, 32), (96, 256, 64), (200, 384, 128), (32, 1024, 128)])
+def kernel_path(path: str, group_size: int):
+    """A block in which the kernel takes `path` ("avx512" or "avx2") for this group size; skips where it cannot."""
+    if path == "avx2":
+        return native_int4.AVX512_SWITCH.turned_off()
+    if not native_int4.runs_avx512(group_size):
+        pytest.skip("the AVX-512 path needs AVX512-BW and VNNI and groups of 64 or 128")
+    return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("path", ["avx512", "avx2"])
+@pytest.mark.parametrize("rows,columns,group_size", [(64, 128, 32), (96, 256, 64), (200, 384, 128), (32, 1024, 128), (7, 128, 64)])
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 9])
-def test_native_matmul_matches_the_dequantized_matrix(rows, columns, group_size, tokens):
+def test_native_matmul_matches_the_dequantized_matrix(rows, columns, group_size, tokens, path):
     generator = torch.Generator().manual_seed(rows * tokens + group_size)
     weight = torch.randn(rows, columns, generator=generator)
     x = torch.randn(tokens, columns, generator=generator) * torch.rand(tokens, 1, generator=generator) * 10
     q, scales_and_zeros = int4_codes(weight, group_size)
     packed, kernel_scales = native_int4.pack(q, scales_and_zeros)
 
-    out = native_int4.matmul(x, packed, group_size, kernel_scales)
+    with kernel_path(path, group_size):
+        out = native_int4.matmul(x, packed, group_size, kernel_scales)
 
     reference = x.double() @ dequantized(q, scales_and_zeros, group_size).double().T
     magnitude = x.abs().double() @ dequantized(q, scales_and_zeros, group_size).abs().double().T
@@ -53,14 +66,30 @@ def test_native_and_torch_kernels_agree_through_int4_weight():
     assert torch.allclose(native.dequantize(), tinygemm.dequantize(), rtol=0.01, atol=0.01)
 
 
-def test_a_nan_activation_makes_its_row_nan_and_leaves_the_others():
-    q, scales_and_zeros = int4_codes(torch.randn(40, 128), 32)
+@pytest.mark.parametrize("path,group_size", [("avx2", 32), ("avx512", 64)])
+def test_a_nan_activation_makes_its_row_nan_and_leaves_the_others(path, group_size):
+    q, scales_and_zeros = int4_codes(torch.randn(40, 128), group_size)
     packed, kernel_scales = native_int4.pack(q, scales_and_zeros)
     x = torch.randn(3, 128)
     x[1, 70] = float("nan")
-    out = native_int4.matmul(x, packed, 32, kernel_scales)
+    with kernel_path(path, group_size):
+        out = native_int4.matmul(x, packed, group_size, kernel_scales)
     assert out[1].isnan().all()
     assert torch.isfinite(out[[0, 2]]).all()
+
+
+def test_both_paths_give_the_same_sums_and_groups_of_32_keep_the_avx2_path():
+    generator = torch.Generator().manual_seed(11)
+    q, scales_and_zeros = int4_codes(torch.randn(130, 512, generator=generator), 128)
+    packed, kernel_scales = native_int4.pack(q, scales_and_zeros)
+    x = torch.randn(6, 512, generator=generator)
+    with kernel_path("avx512", 128):
+        wide = native_int4.matmul(x, packed, 128, kernel_scales)
+    with kernel_path("avx2", 128):
+        narrow = native_int4.matmul(x, packed, 128, kernel_scales)
+    # the same fixed-point products, summed exactly in 32 bits; only the float additions differ in order
+    assert torch.allclose(wide, narrow, rtol=1e-5, atol=1e-4)
+    assert not native_int4.runs_avx512(32)
 
 
 def test_shapes_the_layout_cannot_hold_are_refused():
@@ -92,7 +121,8 @@ def test_kernel_benchmark_times_every_kernel_at_every_token_count(monkeypatch):
     monkeypatch.setattr(bench_kernels, "STACK_BYTES", 4 * 256 * 1024 * 2)  # four small matrices
     monkeypatch.setattr(bench_kernels, "TOKENS", (1, 3))
     result = bench_kernels.run_kernel_benchmark(threads=1, group_size=128, repeats=2)
-    assert set(result["kernel_ms"]) == {"bf16", "int4-torch", "int4-native"}
+    avx2_beside = {"int4-avx2"} if native_int4.runs_avx512(128) else set()
+    assert set(result["kernel_ms"]) == {"bf16", "int4-torch", "int4-native"} | avx2_beside
     assert all(set(times) == {"1", "3"} and min(times.values()) > 0 for times in result["kernel_ms"].values())
     table = bench_kernels.format_kernel_table(result)
     assert "[256, 1024]" in table and len(table.splitlines()) == 4
@@ -116,3 +146,10 @@ def test_torchs_dispatch_level_decides(monkeypatch):
     assert not kernels.torch_runs_avx512()
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert kernels.torch_runs_avx512()
+
+
+@pytest.mark.parametrize("native,avx512,name", [(False, True, "torch"), (True, False, "native"), (True, True, "native-avx512")])
+def test_the_kernel_name_tells_torch_native_and_its_avx512_path_apart(monkeypatch, native, avx512, name):
+    monkeypatch.setattr(kernels, "uses_native_int4", lambda: native)
+    monkeypatch.setattr(native_int4, "runs_avx512", lambda group_size: avx512)
+    assert kernels.int4_kernel_name(128) == name

@@ -42,7 +42,7 @@ from moeplex.offload.loading import offload_variant_models
 from moeplex.quant.apply import quantize_bank_experts
 from moeplex.quant.bank_calibration import BankCalibration, calibrate_bank
 from moeplex.quant.formats import DEFAULT_GROUP_SIZE, PRECISIONS, UNQUANTIZED
-from moeplex.quant.kernels import uses_native_int4
+from moeplex.quant.kernels import int4_kernel_name
 from moeplex.quant.sizes import expert_nbytes
 from moeplex.store.layout import MANIFEST, TOKENIZER
 from moeplex.store.reader import StoreReader
@@ -89,8 +89,8 @@ class StoreMeter:
     def context(self) -> dict:
         """What the measurements depend on besides the configuration (a cache is only valid for the same context)."""
         manifest = hashlib.sha256((self.store / MANIFEST).read_bytes()).hexdigest()
-        int4_kernel = "native" if uses_native_int4() else "torch"  # timings differ by kernel
-        return {"manifest_sha256": manifest, "torch": torch.__version__, "int4_kernel": int4_kernel,
+        return {"manifest_sha256": manifest, "torch": torch.__version__,
+                "int4_kernel": int4_kernel_name(self.settings.group_size),  # timings differ by kernel and path
                 **dataclasses.asdict(self.settings)}
 
     def bytes_per_expert(self) -> dict[str, int]:

@@ -22,7 +22,7 @@ from moeplex.quant import native_int4
 from moeplex.quant.apply import quantize_model_experts
 from moeplex.quant.bench_options import QuantBenchSettings
 from moeplex.quant.formats import QUANTIZED, UNQUANTIZED
-from moeplex.quant.kernels import native_int4_forced, uses_native_int4
+from moeplex.quant.kernels import int4_kernel_name, native_int4_forced, uses_native_int4
 
 TORCH_INT4 = "int4-torch"  # all experts int4 through torch's kernel, where int4 itself runs moeplex's native one
 NATIVE_INT4 = "int4-native"  # all experts int4 through moeplex's native kernel, where int4 itself runs torch's
@@ -66,7 +66,7 @@ def run_quant_benchmark(checkpoint: Path, settings: QuantBenchSettings, progress
         "new_tokens": settings.new_tokens,
         "prompt_tokens": settings.prompt_tokens,
         "group_size": settings.group_size,
-        "int4_kernel": "native" if uses_native_int4() else "torch",
+        "int4_kernel": int4_kernel_name(settings.group_size),
         "stream_bandwidth_gb_s": bandwidth / 1e9,
         "tokens_per_s": {},
         "expert_bytes": {},

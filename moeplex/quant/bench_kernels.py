@@ -1,5 +1,7 @@
 """`moeplex bench quant --parts kernels`: one expert-shaped matmul in bf16, torch's int4 kernel and moeplex's native one.
 
+Where the native kernel runs its AVX-512 path, its AVX2 path on the same packed matrices is timed beside it.
+
 Each kernel multiplies M activation rows (M = 1 is batch-1 decoding; larger M are an expert's tokens in a
 batch) by a stack of bench-model gate_up matrices [4096, 1024] larger than the caches, one after the
 other, so the weights stream from memory as they do in decoding. The kernels alternate after a warm-up
@@ -7,6 +9,8 @@ and each M's time is the median over the repeats of the mean per matrix.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +36,8 @@ def run_kernel_benchmark(threads: int, group_size: int, repeats: int, seed: int 
     if native_int4.available():
         with native_int4_forced():
             kernels["int4-native"] = [quantize_int4(w, group_size).matmul for w in dense]
+        if native_int4.runs_avx512(group_size):
+            kernels["int4-avx2"] = [functools.partial(_on_avx2_path, matmul) for matmul in kernels["int4-native"]]
 
     milliseconds: dict[str, dict[str, float]] = {name: {} for name in kernels}
     for tokens in TOKENS:
@@ -46,6 +52,11 @@ def run_kernel_benchmark(threads: int, group_size: int, repeats: int, seed: int 
         "kernel_group_size": group_size,
         "kernel_ms": milliseconds,
     }
+
+
+def _on_avx2_path(matmul, x: torch.Tensor) -> torch.Tensor:
+    with native_int4.AVX512_SWITCH.turned_off():
+        return matmul(x)
 
 
 def format_kernel_table(result: dict) -> str:

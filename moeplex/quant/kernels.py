@@ -54,6 +54,13 @@ def uses_native_int4() -> bool:
     return native_int4.available() and (_native_forced or not (torch_runs_avx512() and has_amx_bf16()))
 
 
+def int4_kernel_name(group_size: int) -> str:
+    """Which CPU kernel (and path) int4 matmuls of this group size run here: "native-avx512", "native" or "torch"."""
+    if not uses_native_int4():
+        return "torch"
+    return "native-avx512" if native_int4.runs_avx512(group_size) else "native"
+
+
 def torch_runs_avx512() -> bool:
     """Whether torch runs its AVX-512 kernels here (`ATEN_CPU_CAPABILITY` can lower that)."""
     return torch.backends.cpu.get_cpu_capability() == "AVX512"

@@ -4,7 +4,8 @@ torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) unpacks at 2-3 GB/s of p
 machine, slower than torch's own bf16 GEMV streams the four times larger bf16 matrix, so int4 barely
 paid there (docs/quantization.md). This kernel widens each 32-channel block once to 16-bit lanes and
 multiplies it into up to four activation rows (in 16-bit fixed point per group) with integer
-multiply-adds. It needs x86-64 with AVX2 and FMA and a C
+multiply-adds; with AVX512-BW and VNNI and groups of 64 or 128 it takes a 512-bit path with `vpdpwssd`
+(`runs_avx512`; MOEPLEX_NATIVE_INT4_AVX512=0 keeps the AVX2 one). It needs x86-64 with AVX2 and FMA and a C
 compiler; where either is missing, or MOEPLEX_NATIVE_INT4=0, `available()` is False and int4 uses torch's
 kernel. Where torch runs its AVX-512 kernels on a CPU with AMX its own int4 kernel is the faster one, and
 int4 uses it there too (`moeplex.quant.kernels.uses_native_int4`). The shared object is cached under $MOEPLEX_CACHE/native, keyed by the source and the compiler.
@@ -24,6 +25,7 @@ from moeplex.switch import Switch
 SOURCE = Path(__file__).with_name("native") / "int4_matmul.c"
 BLOCK = 32  # input channels per packed block (16 bytes)
 SWITCH = Switch("MOEPLEX_NATIVE_INT4")  # 0: int4 uses torch's kernel; SWITCH.turned_off(): packs for it within a block
+AVX512_SWITCH = Switch("MOEPLEX_NATIVE_INT4_AVX512")  # 0: the kernel keeps its AVX2 path on AVX-512 CPUs too
 
 
 class NativeKernelError(RuntimeError):
@@ -55,7 +57,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_ze
     out = torch.empty(x.shape[0], rows, dtype=torch.float32)
     status = library.moeplex_int4_matmul(
         x.data_ptr(), x.shape[0], x.shape[1], packed.data_ptr(), scales_and_zeros.data_ptr(),
-        rows, group_size, out.data_ptr(), torch.get_num_threads(),
+        rows, group_size, out.data_ptr(), torch.get_num_threads(), int(AVX512_SWITCH.on),
     )
     if status != 0:
         raise NativeKernelError(f"the native int4 kernel refused x {tuple(x.shape)}, weight [{rows}, "
@@ -71,6 +73,14 @@ def _library() -> ctypes.CDLL | None:
     library.moeplex_int4_matmul.restype = ctypes.c_int
     library.moeplex_int4_matmul.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
     ]
+    library.moeplex_int4_avx512_supported.restype = ctypes.c_int
     return library
+
+
+def runs_avx512(group_size: int) -> bool:
+    """Whether `matmul` takes the kernel's AVX-512 path for this group size: AVX512-BW and VNNI here, groups of 64 or 128, switched on."""
+    library = _library()
+    return (library is not None and AVX512_SWITCH.on and group_size % (2 * BLOCK) == 0
+            and bool(library.moeplex_int4_avx512_supported()))

@@ -1,4 +1,4 @@
-/* moeplex's CPU kernel for int4 weight-only matmuls on x86-64 with AVX2 and FMA.
+/* moeplex's CPU kernel for int4 weight-only matmuls on x86-64 with AVX2 and FMA (and a faster path with AVX-512 VNNI).
 
    out[M, N] = x[M, K] @ W.T, where W[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g], g = k / group.
 
@@ -14,7 +14,8 @@
    shift) and multiplied into up to four activation rows with integer multiply-adds that are exact in
    32 bits over a group. Per group, sum_k W x = scale * x_scale * sum_k q x16 + (zero - 8 scale) *
    sum_k x, accumulated in float vectors (one horizontal sum per output). Seven vector instructions per 32 weights and row, no float conversion in the inner loop.
-   Rows of W are split across OpenMP threads (the same libgomp that torch uses, by soname). */
+   Rows of W are split across OpenMP threads (the same libgomp that torch uses, by soname). Where the CPU has
+   AVX512-BW and AVX512-VNNI and groups are a multiple of 64 channels, the AVX-512 path below runs instead. */
 
 #include <immintrin.h>
 #include <math.h>
@@ -45,7 +46,16 @@ typedef struct {
     float *sums;         /* [M, groups] */
 } FixedPointRows;
 
-static int to_fixed_point(const float *x, int64_t m, int64_t in_features, int64_t group, FixedPointRows *rows) {
+/* Where channel k of a row goes: in place, or (interleaved, for the AVX-512 path) within each 64-channel chunk
+   as channels 0..15, 32..47, 16..31, 48..63, the order in which two widened 32-channel blocks hold them. */
+static inline int64_t fixed_point_slot(int64_t k, int interleaved) {
+    if (!interleaved) return k;
+    int64_t chunk = k & ~(int64_t)(2 * BLOCK - 1), c = k & (2 * BLOCK - 1);
+    int64_t block = c / BLOCK, half = (c % BLOCK) / (BLOCK / 2), j = c % (BLOCK / 2);
+    return chunk + half * BLOCK + block * (BLOCK / 2) + j;
+}
+
+static int to_fixed_point(const float *x, int64_t m, int64_t in_features, int64_t group, int interleaved, FixedPointRows *rows) {
     int64_t groups = in_features / group;
     rows->values = malloc(sizeof(int16_t) * (size_t)(m * in_features + 1));
     rows->scales = malloc(sizeof(float) * (size_t)(m * groups + 1));
@@ -63,7 +73,8 @@ static int to_fixed_point(const float *x, int64_t m, int64_t in_features, int64_
             /* A NaN or infinity in the group makes its outputs NaN, as a float matmul's would be. */
             int finite = isfinite(sum) && isfinite(largest);
             double inverse = finite && largest > 0.0f ? INT16_LIMIT / (double)largest : 0.0;
-            for (int64_t k = 0; k < group; k++) values[k] = (int16_t)lrint(finite ? xg[k] * inverse : 0.0);
+            for (int64_t k = 0; k < group; k++)
+                values[fixed_point_slot(k, interleaved)] = (int16_t)lrint(finite ? xg[k] * inverse : 0.0);
             rows->scales[r * groups + g] = finite ? largest / INT16_LIMIT : NAN;
             rows->sums[r * groups + g] = sum;
         }
@@ -137,21 +148,121 @@ __attribute__((target("avx2,fma"))) static void row_times_all_activations(
 #undef PASS
 }
 
-/* Returns 0, or -1 when the arguments do not describe this layout (or memory ran out). */
+/* The AVX-512 path (AVX512-BW and AVX512-VNNI; groups a multiple of 64 channels). Two packed blocks are widened
+   at once to 32 16-bit lanes: low nibbles = channels 0..15 and 32..47 of a 64-channel chunk, high = 16..31 and
+   48..63, the order `fixed_point_slot` gives the activations. `vpdpwssd` multiplies and adds into 32-bit lanes
+   in one instruction; low and high nibbles sum into separate registers, and W weight rows run side by side,
+   so 2W independent chains hide its latency. Lane sums stay below 2^24 for groups of up to 128 (8 products of
+   at most 15 * 32767 per lane), so the conversion to float is exact. */
+#define WIDE_TARGET "avx512f,avx512bw,avx512vnni"
+#define WIDE_STEP (2 * BLOCK)
+#define WEIGHT_ROWS_PER_PASS 4
+
+int moeplex_int4_avx512_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+}
+
+/* `weights` consecutive weight rows against `rows` activation rows (weights * rows <= 4, constants after inlining). */
+__attribute__((target(WIDE_TARGET), always_inline)) static inline void wide_rows_times_activations(
+    const uint8_t *weight_rows, const uint16_t *scales_zeros_rows, const int16_t *x16, const float *x_scales,
+    const float *x_sums, int64_t in_features, int64_t group, int64_t groups, int weights, int rows, float *out, int64_t n) {
+    const __m512i low_nibble = _mm512_set1_epi16(0x0F);
+    __m512 totals[WEIGHT_ROWS_PER_PASS];
+    float zero_terms[WEIGHT_ROWS_PER_PASS];
+    for (int i = 0; i < weights * rows; i++) {
+        totals[i] = _mm512_setzero_ps();
+        zero_terms[i] = 0.0f;
+    }
+    for (int64_t g = 0; g < groups; g++) {
+        __m512i low_sums[WEIGHT_ROWS_PER_PASS], high_sums[WEIGHT_ROWS_PER_PASS];
+        for (int i = 0; i < weights * rows; i++) low_sums[i] = high_sums[i] = _mm512_setzero_si512();
+        for (int64_t k = g * group; k < (g + 1) * group; k += WIDE_STEP) {
+#pragma GCC unroll 4
+            for (int w = 0; w < weights; w++) {
+                const uint8_t *packed = weight_rows + w * (in_features / 2) + k / 2;
+                __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)packed));
+                __m512i low = _mm512_and_si512(bytes, low_nibble);
+                __m512i high = _mm512_srli_epi16(bytes, 4);
+#pragma GCC unroll 4
+                for (int r = 0; r < rows; r++) {
+                    const int16_t *xr = x16 + r * in_features + k;
+                    int i = w * rows + r;
+                    low_sums[i] = _mm512_dpwssd_epi32(low_sums[i], low, _mm512_loadu_si512(xr));
+                    high_sums[i] = _mm512_dpwssd_epi32(high_sums[i], high, _mm512_loadu_si512(xr + BLOCK));
+                }
+            }
+        }
+        for (int w = 0; w < weights; w++) {
+            float scale = bf16_to_float(scales_zeros_rows[w * groups * 2 + 2 * g]);
+            float zero = bf16_to_float(scales_zeros_rows[w * groups * 2 + 2 * g + 1]);
+            for (int r = 0; r < rows; r++) {
+                int i = w * rows + r;
+                __m512 group_scale = _mm512_set1_ps(scale * x_scales[r * groups + g]);
+                totals[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(low_sums[i], high_sums[i])), group_scale, totals[i]);
+                zero_terms[i] += (zero - 8.0f * scale) * x_sums[r * groups + g];
+            }
+        }
+    }
+    for (int w = 0; w < weights; w++)
+        for (int r = 0; r < rows; r++) out[r * n + w] = _mm512_reduce_add_ps(totals[w * rows + r]) + zero_terms[w * rows + r];
+}
+
+/* Weight rows first..first+count-1 (count <= 4) against every activation row: 4, 2 or 1 weight rows per pass
+   for 1, 2 or more activation rows at a time. */
+__attribute__((target(WIDE_TARGET))) static void wide_block_times_all_activations(
+    const uint8_t *packed, const uint16_t *scales_zeros, const FixedPointRows *x, int64_t m, int64_t in_features,
+    int64_t group, int64_t groups, int64_t first, int64_t count, float *out, int64_t n) {
+#define WIDE_PASS(WEIGHTS, ROWS, ROW, WEIGHT)                                                                    \
+    wide_rows_times_activations(packed + (WEIGHT) * (in_features / 2), scales_zeros + (WEIGHT) * groups * 2,   \
+                                x->values + (ROW) * in_features, x->scales + (ROW) * groups,                   \
+                                x->sums + (ROW) * groups, in_features, group, groups, WEIGHTS, ROWS,          \
+                                out + (ROW) * n + (WEIGHT), n)
+    for (int64_t r = 0; r < m;) {
+        int64_t rows = m - r >= 4 ? 4 : m - r;
+        if (rows == 1 && count == WEIGHT_ROWS_PER_PASS) WIDE_PASS(4, 1, r, first);
+        else if (rows == 2 && count == WEIGHT_ROWS_PER_PASS) {
+            WIDE_PASS(2, 2, r, first);
+            WIDE_PASS(2, 2, r, first + 2);
+        } else
+            for (int64_t w = first; w < first + count; w++) switch (rows) {
+                case 4: WIDE_PASS(1, 4, r, w); break;
+                case 3: WIDE_PASS(1, 3, r, w); break;
+                case 2: WIDE_PASS(1, 2, r, w); break;
+                default: WIDE_PASS(1, 1, r, w); break;
+                }
+        r += rows;
+    }
+#undef WIDE_PASS
+}
+
+/* Returns 0, or -1 when the arguments do not describe this layout (or memory ran out). allow_avx512 = 0 keeps
+   the AVX2 path; otherwise the AVX-512 one runs where the CPU has it and the group is a multiple of 64 channels. */
 int moeplex_int4_matmul(const float *x, int64_t m, int64_t in_features, const uint8_t *packed,
-                        const uint16_t *scales_zeros, int64_t n, int64_t group, float *out, int threads) {
+                        const uint16_t *scales_zeros, int64_t n, int64_t group, float *out, int threads, int allow_avx512) {
     if (m < 0 || n < 0 || group < BLOCK || group % BLOCK || in_features % group) return -1;
     int64_t groups = in_features / group;
+    int wide = allow_avx512 && group % WIDE_STEP == 0 && moeplex_int4_avx512_supported();
     FixedPointRows rows;
-    if (to_fixed_point(x, m, in_features, group, &rows) != 0) {
+    if (to_fixed_point(x, m, in_features, group, wide, &rows) != 0) {
         free_fixed_point(&rows);
         return -1;
     }
     int parallel = threads > 1 && n * in_features * (m < ROWS_PER_PASS ? m : ROWS_PER_PASS) >= (1 << 17);
+    if (wide) {
+        int64_t blocks = (n + WEIGHT_ROWS_PER_PASS - 1) / WEIGHT_ROWS_PER_PASS;
 #pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
-    for (int64_t row = 0; row < n; row++)
-        row_times_all_activations(packed + row * (in_features / 2), scales_zeros + row * groups * 2, &rows, m,
-                                  in_features, group, groups, out + row, n);
+        for (int64_t b = 0; b < blocks; b++) {
+            int64_t first = b * WEIGHT_ROWS_PER_PASS, count = n - first < WEIGHT_ROWS_PER_PASS ? n - first : WEIGHT_ROWS_PER_PASS;
+            wide_block_times_all_activations(packed, scales_zeros, &rows, m,
+                                             in_features, group, groups, first, count, out, n);
+        }
+    } else {
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+        for (int64_t row = 0; row < n; row++)
+            row_times_all_activations(packed + row * (in_features / 2), scales_zeros + row * groups * 2, &rows, m,
+                                      in_features, group, groups, out + row, n);
+    }
     free_fixed_point(&rows);
     return 0;
 }
