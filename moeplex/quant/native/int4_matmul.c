@@ -26,6 +26,9 @@
 #define BLOCK 32
 #define ROWS_PER_PASS 4
 #define INT16_LIMIT 32767.0f
+#define WIDE_TARGET "avx512f,avx512bw,avx512vl,avx512vnni"
+#define WIDE_STEP (2 * BLOCK)
+#define WEIGHT_ROWS_PER_PASS 4
 
 int moeplex_int4_supported(void) {
     __builtin_cpu_init();
@@ -46,15 +49,46 @@ typedef struct {
     float *sums;         /* [M, groups] */
 } FixedPointRows;
 
-/* Where channel k of a row goes: in place, or (interleaved, for the AVX-512 path) within each 64-channel chunk
-   as channels 0..15, 32..47, 16..31, 48..63, the order in which two widened 32-channel blocks hold them. */
-static inline int64_t fixed_point_slot(int64_t k, int interleaved) {
-    if (!interleaved) return k;
-    int64_t chunk = k & ~(int64_t)(2 * BLOCK - 1), c = k & (2 * BLOCK - 1);
+/* Where channel k of a group goes in the AVX-512 path's order: within each 64-channel chunk, channels 0..15,
+   32..47, 16..31, 48..63, the order in which two widened 32-channel blocks hold them. */
+static inline int64_t wide_slot(int64_t k) {
+    int64_t chunk = k & ~(int64_t)(WIDE_STEP - 1), c = k & (WIDE_STEP - 1);
     int64_t block = c / BLOCK, half = (c % BLOCK) / (BLOCK / 2), j = c % (BLOCK / 2);
     return chunk + half * BLOCK + block * (BLOCK / 2) + j;
 }
 
+/* A NaN or infinity in a group makes its outputs NaN, as a float matmul's would be: its values are 0, its scale NaN. */
+static inline int fixed_point_finite(float largest, float sum) { return isfinite(sum) && isfinite(largest); }
+
+static inline double fixed_point_inverse(float largest, float sum) {
+    return fixed_point_finite(largest, sum) && largest > 0.0f ? INT16_LIMIT / (double)largest : 0.0;
+}
+
+/* One group in the AVX-512 path's order, 16 / 8 channels per instruction: the values of the scalar loop below
+   (products in double, rounded to nearest even), the sum in another order. Returns the group's largest |x|. */
+__attribute__((target(WIDE_TARGET))) static float wide_group_to_fixed_point(const float *xg, int64_t group, int16_t *values,
+                                                                            float *sum_out) {
+    __m512 largest = _mm512_setzero_ps(), sums = _mm512_setzero_ps();
+    for (int64_t k = 0; k < group; k += 16) {
+        __m512 v = _mm512_loadu_ps(xg + k);
+        largest = _mm512_max_ps(largest, _mm512_abs_ps(v));
+        sums = _mm512_add_ps(sums, v);
+    }
+    float most = _mm512_reduce_max_ps(largest), sum = _mm512_reduce_add_ps(sums);
+    *sum_out = sum;
+    if (!fixed_point_finite(most, sum)) {
+        memset(values, 0, sizeof(int16_t) * (size_t)group); /* the group's slots are the group's own range */
+        return most;
+    }
+    __m512d inverse = _mm512_set1_pd(fixed_point_inverse(most, sum));
+    for (int64_t k = 0; k < group; k += 8) { /* runs of 8 channels stay together in wide_slot's order */
+        __m256i rounded = _mm512_cvtpd_epi32(_mm512_mul_pd(_mm512_cvtps_pd(_mm256_loadu_ps(xg + k)), inverse));
+        _mm_storeu_si128((__m128i *)(values + wide_slot(k)), _mm256_cvtepi32_epi16(rounded));
+    }
+    return most;
+}
+
+/* interleaved: in the AVX-512 path's order (wide_slot), computed with AVX-512. */
 static int to_fixed_point(const float *x, int64_t m, int64_t in_features, int64_t group, int interleaved, FixedPointRows *rows) {
     int64_t groups = in_features / group;
     rows->values = malloc(sizeof(int16_t) * (size_t)(m * in_features + 1));
@@ -66,16 +100,18 @@ static int to_fixed_point(const float *x, int64_t m, int64_t in_features, int64_
             const float *xg = x + r * in_features + g * group;
             int16_t *values = rows->values + r * in_features + g * group;
             float largest = 0.0f, sum = 0.0f;
-            for (int64_t k = 0; k < group; k++) {
-                largest = fmaxf(largest, fabsf(xg[k]));
-                sum += xg[k];
+            if (interleaved) {
+                largest = wide_group_to_fixed_point(xg, group, values, &sum);
+            } else {
+                for (int64_t k = 0; k < group; k++) {
+                    largest = fmaxf(largest, fabsf(xg[k]));
+                    sum += xg[k];
+                }
+                int finite = fixed_point_finite(largest, sum);
+                double inverse = fixed_point_inverse(largest, sum);
+                for (int64_t k = 0; k < group; k++) values[k] = (int16_t)lrint(finite ? xg[k] * inverse : 0.0);
             }
-            /* A NaN or infinity in the group makes its outputs NaN, as a float matmul's would be. */
-            int finite = isfinite(sum) && isfinite(largest);
-            double inverse = finite && largest > 0.0f ? INT16_LIMIT / (double)largest : 0.0;
-            for (int64_t k = 0; k < group; k++)
-                values[fixed_point_slot(k, interleaved)] = (int16_t)lrint(finite ? xg[k] * inverse : 0.0);
-            rows->scales[r * groups + g] = finite ? largest / INT16_LIMIT : NAN;
+            rows->scales[r * groups + g] = fixed_point_finite(largest, sum) ? largest / INT16_LIMIT : NAN;
             rows->sums[r * groups + g] = sum;
         }
     return 0;
@@ -150,17 +186,15 @@ __attribute__((target("avx2,fma"))) static void row_times_all_activations(
 
 /* The AVX-512 path (AVX512-BW and AVX512-VNNI; groups a multiple of 64 channels). Two packed blocks are widened
    at once to 32 16-bit lanes: low nibbles = channels 0..15 and 32..47 of a 64-channel chunk, high = 16..31 and
-   48..63, the order `fixed_point_slot` gives the activations. `vpdpwssd` multiplies and adds into 32-bit lanes
+   48..63, the order `wide_slot` gives the activations. `vpdpwssd` multiplies and adds into 32-bit lanes
    in one instruction; low and high nibbles sum into separate registers, and W weight rows run side by side,
    so 2W independent chains hide its latency. Lane sums stay below 2^24 for groups of up to 128 (8 products of
    at most 15 * 32767 per lane), so the conversion to float is exact. */
-#define WIDE_TARGET "avx512f,avx512bw,avx512vnni"
-#define WIDE_STEP (2 * BLOCK)
-#define WEIGHT_ROWS_PER_PASS 4
 
 int moeplex_int4_avx512_supported(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512vnni");
 }
 
 /* `weights` consecutive weight rows against `rows` activation rows (weights * rows <= 4, constants after inlining). */
