@@ -141,6 +141,16 @@ def test_int4_packs_for_torch_only_where_it_runs_avx512_beside_amx(monkeypatch, 
         assert quantize_int4(weight, 32).kernel == "cpu-tinygemm"
 
 
+def test_int4_packs_for_the_native_kernel_wherever_it_runs_its_avx512_path(monkeypatch):
+    monkeypatch.setattr(kernels, "torch_runs_avx512", lambda: True)
+    monkeypatch.setattr(kernels, "has_amx_bf16", lambda: True)
+    monkeypatch.setattr(native_int4, "runs_avx512", lambda group_size: group_size % 64 == 0)
+    weight = torch.randn(64, 128).bfloat16()
+    assert quantize_int4(weight, 128).kernel == "native"
+    assert quantize_int4(weight, 64).kernel == "native"
+    assert quantize_int4(weight, 32).kernel == "cpu-tinygemm"  # the AVX2 path only: torch's AVX-512 kernel is faster
+
+
 def test_torchs_dispatch_level_decides(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert not kernels.torch_runs_avx512()
@@ -150,6 +160,6 @@ def test_torchs_dispatch_level_decides(monkeypatch):
 
 @pytest.mark.parametrize("native,avx512,name", [(False, True, "torch"), (True, False, "native"), (True, True, "native-avx512")])
 def test_the_kernel_name_tells_torch_native_and_its_avx512_path_apart(monkeypatch, native, avx512, name):
-    monkeypatch.setattr(kernels, "uses_native_int4", lambda: native)
+    monkeypatch.setattr(kernels, "uses_native_int4", lambda group_size: native)
     monkeypatch.setattr(native_int4, "runs_avx512", lambda group_size: avx512)
     assert kernels.int4_kernel_name(128) == name

@@ -45,7 +45,7 @@ def run_quant_benchmark(checkpoint: Path, settings: QuantBenchSettings, progress
     for precision in reversed(QUANTIZED):  # int8, int4
         models[precision] = quantize_model_experts(base, dict.fromkeys(positions, precision), settings.group_size)
     if native_int4.available():  # beside int4 (the kernel `uses_native_int4` picks here), the other int4 kernel on the same experts
-        other, block = (TORCH_INT4, native_int4.SWITCH.turned_off) if uses_native_int4() else (NATIVE_INT4, native_int4_forced)
+        other, block = (TORCH_INT4, native_int4.SWITCH.turned_off) if uses_native_int4(settings.group_size) else (NATIVE_INT4, native_int4_forced)
         with block():
             models[other] = quantize_model_experts(base, dict.fromkeys(positions, "int4"), settings.group_size)
     generator = torch.Generator().manual_seed(settings.seed)
