@@ -25,7 +25,7 @@ def kernel_path(path: str, group_size: int):
     if path == "avx2":
         return native_int4.AVX512_SWITCH.turned_off()
     if not native_int4.runs_avx512(group_size):
-        pytest.skip("the AVX-512 path needs AVX512-BW and VNNI and groups of 64 or 128")
+        pytest.skip("the AVX-512 path needs AVX512-BW, VL and VNNI and groups of 64 or 128")
     return contextlib.nullcontext()
 
 

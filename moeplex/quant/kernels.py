@@ -51,7 +51,7 @@ def uses_native_int4(group_size: int = DEFAULT_GROUP_SIZE) -> bool:
     Which one is faster depends on the CPU and the path (`moeplex bench quant`, docs/quantization.md): on the
     AVX2 EPYC VM torch's kernel unpacked at 2-3 GB/s and the native one was the faster; on the 2-core Xeon
     (AVX-512 and AMX) torch's beat the native AVX2 path (97 against 66 tokens/s) but not its AVX-512 path with
-    prefetching (125 against 143 tokens/s); on a Zen 4 EPYC (AVX-512, no AMX) the native AVX2 path was faster,
+    prefetching (119 against 131-133 tokens/s); on a Zen 4 EPYC (AVX-512, no AMX) the native AVX2 path was faster,
     by less (98 against 89 and 91 against 88 tokens/s).
     """
     if not native_int4.available():

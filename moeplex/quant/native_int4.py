@@ -4,7 +4,7 @@ torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) unpacks at 2-3 GB/s of p
 machine, slower than torch's own bf16 GEMV streams the four times larger bf16 matrix, so int4 barely
 paid there (docs/quantization.md). This kernel widens each 32-channel block once to 16-bit lanes and
 multiplies it into up to four activation rows (in 16-bit fixed point per group) with integer
-multiply-adds; with AVX512-BW and VNNI and groups of 64 or 128 it takes a 512-bit path with `vpdpwssd`
+multiply-adds; with AVX512-BW, VL and VNNI and groups of 64 or 128 it takes a 512-bit path with `vpdpwssd`
 (`runs_avx512`; MOEPLEX_NATIVE_INT4_AVX512=0 keeps the AVX2 one). It needs x86-64 with AVX2 and FMA and a C
 compiler; where either is missing, or MOEPLEX_NATIVE_INT4=0, `available()` is False and int4 uses torch's
 kernel. Where torch runs its AVX-512 kernels on a CPU with AMX its own int4 kernel is the faster one, and
@@ -80,7 +80,7 @@ def _library() -> ctypes.CDLL | None:
 
 
 def runs_avx512(group_size: int) -> bool:
-    """Whether `matmul` takes the kernel's AVX-512 path for this group size: AVX512-BW and VNNI here, groups of 64 or 128, switched on."""
+    """Whether `matmul` takes the kernel's AVX-512 path for this group size: AVX512-BW, VL and VNNI here, groups of 64 or 128, switched on."""
     library = _library()
     return (library is not None and AVX512_SWITCH.on and group_size % (2 * BLOCK) == 0
             and bool(library.moeplex_int4_avx512_supported()))

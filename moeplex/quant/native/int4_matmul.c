@@ -15,7 +15,7 @@
    32 bits over a group. Per group, sum_k W x = scale * x_scale * sum_k q x16 + (zero - 8 scale) *
    sum_k x, accumulated in float vectors (one horizontal sum per output). Seven vector instructions per 32 weights and row, no float conversion in the inner loop.
    Rows of W are split across OpenMP threads (the same libgomp that torch uses, by soname). Where the CPU has
-   AVX512-BW and AVX512-VNNI and groups are a multiple of 64 channels, the AVX-512 path below runs instead. */
+   AVX512-BW, VL and VNNI and groups are a multiple of 64 channels, the AVX-512 path below runs instead. */
 
 #include <immintrin.h>
 #include <math.h>
@@ -185,7 +185,7 @@ __attribute__((target("avx2,fma"))) static void row_times_all_activations(
 #undef PASS
 }
 
-/* The AVX-512 path (AVX512-BW and AVX512-VNNI; groups a multiple of 64 channels). Two packed blocks are widened
+/* The AVX-512 path (AVX512-BW, VL and VNNI; groups a multiple of 64 channels). Two packed blocks are widened
    at once to 32 16-bit lanes: low nibbles = channels 0..15 and 32..47 of a 64-channel chunk, high = 16..31 and
    48..63, the order `wide_slot` gives the activations. `vpdpwssd` multiplies and adds into 32-bit lanes
    in one instruction; low and high nibbles sum into separate registers, and W weight rows run side by side,
@@ -200,7 +200,6 @@ int moeplex_int4_avx512_supported(void) {
            __builtin_cpu_supports("avx512vnni");
 }
 
-/* `weights` consecutive weight rows against `rows` activation rows (weights * rows <= 4, constants after inlining). */
 /* For one weight row and one activation row, 16 groups per step: each group's scale times the activations'
    scale (into group_scales), and the sum over groups of (zero - 8 scale) * sum(x), returned. A (scale, zero)
    pair of bf16 is one 32-bit lane: shifted up, the scale's float; masked, the zero's. */
@@ -224,7 +223,7 @@ __attribute__((target(WIDE_TARGET), always_inline)) static inline void wide_rows
     const uint8_t *weight_rows, const uint16_t *scales_zeros_rows, const int16_t *x16, const float *x_scales,
     const float *x_sums, int64_t in_features, int64_t group, int64_t groups, int weights, int rows, float *out, int64_t n) {
     const __m512i low_nibble = _mm512_set1_epi16(0x0F);
-    float group_scales[WEIGHT_ROWS_PER_PASS * groups];
+    float group_scales[WEIGHT_ROWS_PER_PASS * groups + 1]; /* + 1: no empty array when K = 0 */
     __m512 totals[WEIGHT_ROWS_PER_PASS];
     float zero_terms[WEIGHT_ROWS_PER_PASS];
     for (int w = 0; w < weights; w++)
