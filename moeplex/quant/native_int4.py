@@ -7,8 +7,9 @@ multiplies it into up to four activation rows (in 16-bit fixed point per group) 
 multiply-adds; with AVX512-BW, VL and VNNI and groups of 64 or 128 it takes a 512-bit path with `vpdpwssd`
 (`runs_avx512`; MOEPLEX_NATIVE_INT4_AVX512=0 keeps the AVX2 one). It needs x86-64 with AVX2 and FMA and a C
 compiler; where either is missing, or MOEPLEX_NATIVE_INT4=0, `available()` is False and int4 uses torch's
-kernel. Where torch runs its AVX-512 kernels on a CPU with AMX its own int4 kernel is the faster one, and
-int4 uses it there too (`moeplex.quant.kernels.uses_native_int4`). The shared object is cached under $MOEPLEX_CACHE/native, keyed by the source and the compiler.
+kernel. Where torch runs its AVX-512 kernels on a CPU with AMX its own int4 kernel beats this one's AVX2 path
+(not its AVX-512 path), and int4 uses torch's there wherever only the AVX2 path would run
+(`moeplex.quant.kernels.uses_native_int4`). The shared object is cached under $MOEPLEX_CACHE/native, keyed by the source and the compiler.
 """
 
 from __future__ import annotations
@@ -75,12 +76,12 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
     ]
-    library.moeplex_int4_avx512_supported.restype = ctypes.c_int
+    library.moeplex_int4_runs_avx512.restype = ctypes.c_int
+    library.moeplex_int4_runs_avx512.argtypes = [ctypes.c_int64]
     return library
 
 
 def runs_avx512(group_size: int) -> bool:
     """Whether `matmul` takes the kernel's AVX-512 path for this group size: AVX512-BW, VL and VNNI here, groups of 64 or 128, switched on."""
     library = _library()
-    return (library is not None and AVX512_SWITCH.on and group_size % (2 * BLOCK) == 0
-            and bool(library.moeplex_int4_avx512_supported()))
+    return library is not None and AVX512_SWITCH.on and bool(library.moeplex_int4_runs_avx512(group_size))

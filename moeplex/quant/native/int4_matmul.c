@@ -194,10 +194,11 @@ __attribute__((target("avx2,fma"))) static void row_times_all_activations(
    Xeon VM). Lane sums stay below 2^24 for groups of up to 128 (8 products of at most 15 * 32767 per lane),
    so the conversion to float is exact. */
 
-int moeplex_int4_avx512_supported(void) {
+/* Whether matmuls of this group size take the AVX-512 path here (when allowed): the one place that decides. */
+int moeplex_int4_runs_avx512(int64_t group) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512vnni");
+    return group % WIDE_STEP == 0 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
 /* For one weight row and one activation row, 16 groups per step: each group's scale times the activations'
@@ -295,7 +296,7 @@ int moeplex_int4_matmul(const float *x, int64_t m, int64_t in_features, const ui
                         const uint16_t *scales_zeros, int64_t n, int64_t group, float *out, int threads, int allow_avx512) {
     if (m < 0 || n < 0 || group < BLOCK || group % BLOCK || in_features % group) return -1;
     int64_t groups = in_features / group;
-    int wide = allow_avx512 && group % WIDE_STEP == 0 && moeplex_int4_avx512_supported();
+    int wide = allow_avx512 && moeplex_int4_runs_avx512(group);
     FixedPointRows rows;
     if (to_fixed_point(x, m, in_features, group, wide, &rows) != 0) {
         free_fixed_point(&rows);
