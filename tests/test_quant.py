@@ -116,6 +116,17 @@ def test_mixed_precision_experts_are_close_and_exact_where_unquantized():
     assert quantized.nbytes < dense.nbytes
 
 
+def test_one_token_gives_the_grouped_paths_sums_bit_for_bit():
+    dense = random_dense_experts()
+    precision_of = {(1, 0): "int4", (1, 1): "int8", (1, 2): "int4"}  # expert 3 stays bf16
+    quantized = QuantizedExperts.from_dense(dense, precision_of, group_size=32)
+    hidden, expert_ids, weights = routing(1, 4, seed=9)
+    for ids in (expert_ids, torch.tensor([[0, 1]]), torch.tensor([[2, 3]]), torch.tensor([[3, 0]])):
+        one = quantized(1, hidden, ids, weights)
+        assert one.shape == hidden.shape and one.dtype == hidden.dtype
+        assert torch.equal(one, quantized.grouped(1, hidden, ids, weights))
+
+
 def test_unknown_positions_and_precisions_are_rejected():
     dense = random_dense_experts()
     with pytest.raises(ValueError, match="no expert at positions"):

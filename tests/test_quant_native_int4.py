@@ -49,6 +49,55 @@ def test_native_matmul_matches_the_dequantized_matrix(rows, columns, group_size,
     assert ((out.double() - reference).abs() <= 1e-4 * magnitude + 1e-6).all()
 
 
+@pytest.mark.parametrize("path", ["avx512", "avx2"])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_bf16_in_and_out_is_the_float32_result_rounded(path, tokens):
+    generator = torch.Generator().manual_seed(17 + tokens)
+    q, scales_and_zeros = int4_codes(torch.randn(72, 256, generator=generator), 128)
+    packed, kernel_scales = native_int4.pack(q, scales_and_zeros)
+    x = (torch.randn(tokens, 256, generator=generator) * 3).bfloat16()
+    with kernel_path(path, 128):
+        in_float = native_int4.matmul(x.float(), packed, 128, kernel_scales)
+        in_bf16 = native_int4.matmul(x, packed, 128, kernel_scales)
+    assert in_float.dtype == torch.float32 and in_bf16.dtype == torch.bfloat16
+    assert torch.equal(in_bf16, in_float.bfloat16())  # the kernel's own casts are torch's, bit for bit
+
+
+def composed_swiglu(x: torch.Tensor, gate_up, down) -> torch.Tensor:
+    """The same expert as torch calls around the kernel's matmuls: bf16 gate_up output, silu and product in bf16."""
+    gate, up = gate_up.matmul(x).chunk(2, dim=-1)
+    return down.matmul(torch.nn.functional.silu(gate) * up)
+
+
+@pytest.mark.parametrize("path", ["avx512", "avx2"])
+@pytest.mark.parametrize("tokens", [1, 2, 5])
+def test_the_one_call_swiglu_expert_rounds_as_the_composed_one(path, tokens):
+    generator = torch.Generator().manual_seed(23 + tokens)
+    hidden, inter = 256, 384
+    with native_int4_forced():
+        gate_up = quantize_int4(torch.randn(2 * inter, hidden, generator=generator) * 0.1, 128)
+        down = quantize_int4(torch.randn(hidden, inter, generator=generator) * 0.1, 128)
+    x = (torch.randn(tokens, hidden, generator=generator) * 2).bfloat16()
+    with kernel_path(path, 128):
+        fused = native_int4.swiglu(x, gate_up.packed, gate_up.scales_and_zeros, down.packed, down.scales_and_zeros, 128)
+        composed = composed_swiglu(x, gate_up, down)
+    assert fused.shape == (tokens, hidden) and fused.dtype == torch.bfloat16
+    # the same roundings; only where C's expf and torch's vectorized exp differ in silu's last float bit may a
+    # bf16 rounding flip, moving an output by about one bf16 step
+    assert (fused == composed).float().mean() >= 0.95
+    assert ((fused.float() - composed.float()).abs() <= 2.0**-7 * composed.float().abs() + 1e-3).all()
+
+
+def test_the_swiglu_expert_refuses_what_it_cannot_compute():
+    with native_int4_forced():
+        gate_up, down = quantize_int4(torch.randn(128, 64), 64), quantize_int4(torch.randn(64, 64), 64)
+    arguments = (gate_up.packed, gate_up.scales_and_zeros, down.packed, down.scales_and_zeros, 64)
+    with pytest.raises(native_int4.NativeKernelError, match="takes bf16 x"):
+        native_int4.swiglu(torch.randn(1, 64), *arguments)  # float32 rows
+    with pytest.raises(native_int4.NativeKernelError, match="takes bf16 x"):
+        native_int4.swiglu(torch.randn(1, 128).bfloat16(), *arguments)  # H does not match the matrices
+
+
 def test_native_and_torch_kernels_agree_through_int4_weight():
     generator = torch.Generator().manual_seed(3)
     weight = torch.randn(256, 512, generator=generator).bfloat16()

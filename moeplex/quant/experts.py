@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from moeplex.model.experts import DenseExperts, group_tokens_by_expert
 from moeplex.quant.formats import DEFAULT_GROUP_SIZE, UNQUANTIZED, Position
+from moeplex.quant.int4 import native_swiglu
 from moeplex.quant.precision import LinearWeight, check_precision, quantize_matrix
 
 
@@ -24,6 +25,8 @@ class QuantizedExpert:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """silu(x W_gate) * (x W_up) W_down for x [n, H] -> [n, H]."""
+        if self.precision == "int4" and (fused := native_swiglu(x, self.gate_up, self.down)) is not None:
+            return fused
         gate, up = self.gate_up.matmul(x).chunk(2, dim=-1)  # [n, I] each
         return self.down.matmul(F.silu(gate) * up)
 
@@ -110,11 +113,25 @@ class QuantizedExperts:
         )
 
     def __call__(self, layer, hidden, expert_ids, routing_weights):
+        if hidden.shape[0] == 1:  # a decode step at batch 1: the same sums in fewer torch calls
+            return self.one_token(layer, hidden, expert_ids, routing_weights)
+        return self.grouped(layer, hidden, expert_ids, routing_weights)
+
+    def grouped(self, layer, hidden, expert_ids, routing_weights):
+        """Each routed expert once on all of its tokens hidden [T, H]; outputs weighted and summed per token."""
         out = torch.zeros_like(hidden)  # [T, H]
         flat_weights = routing_weights.flatten()  # [T*k]
         for expert, rows, slots in group_tokens_by_expert(expert_ids):
             y = self.experts[layer][expert](hidden[rows])  # [n, H]
             out.index_add_(0, rows, (y * flat_weights[slots, None]).to(out.dtype))
+        return out
+
+    def one_token(self, layer, hidden, expert_ids, routing_weights):
+        """`grouped` for one token hidden [1, H], with the same roundings: each output times its weight, then summed in turn."""
+        out = None
+        for expert, weight in zip(expert_ids[0].tolist(), routing_weights[0].tolist()):
+            y = self.experts[layer][expert](hidden).mul_(weight)
+            out = y if out is None else out.add_(y)
         return out
 
     @property

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from moeplex.quant.formats import DEFAULT_GROUP_SIZE, GROUP_SIZES
+from moeplex.quant import native_int4
 from moeplex.quant.kernels import KERNEL_DTYPE, int4_mm, int4_pack
 
 INT4_LEVELS = 15  # values 0..15
@@ -25,11 +26,12 @@ class Int4Weight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] @ W.T -> [M, N], in x's dtype."""
-        return int4_mm(x, self.kernel, self.packed, self.group_size, self.scales_and_zeros).to(x.dtype)
+        out = int4_mm(x, self.kernel, self.packed, self.group_size, self.scales_and_zeros)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The matrix the kernel multiplies by, [N, K] float32 (read back through the kernel itself)."""
-        eye = torch.eye(self.in_features, dtype=KERNEL_DTYPE, device=self.packed.device)  # [K, K]
+        eye = torch.eye(self.in_features, device=self.packed.device)  # [K, K] float32: the native kernel then writes float32
         return self.matmul(eye).float().T
 
     @property
@@ -40,6 +42,14 @@ class Int4Weight:
     def from_codes(cls, q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> Int4Weight:
         """From unpacked values q [N, K] (0..15) and scales_and_zeros [K/group_size, N, 2], packed for q's device."""
         return cls(*int4_pack(q, scales_and_zeros), group_size, q.shape[1])
+
+
+def native_swiglu(x: torch.Tensor, gate_up: Int4Weight, down: Int4Weight) -> torch.Tensor | None:
+    """silu(x W_gate) * (x W_up) W_down in one native call (`native_int4.swiglu`) where it runs: bf16 rows on the CPU and
+    both matrices packed for the native kernel with one group size; else None (the caller composes the matmuls)."""
+    if x.dtype != torch.bfloat16 or gate_up.kernel != "native" or down.kernel != "native" or gate_up.group_size != down.group_size:
+        return None
+    return native_int4.swiglu(x, gate_up.packed, gate_up.scales_and_zeros, down.packed, down.scales_and_zeros, gate_up.group_size)
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> Int4Weight:

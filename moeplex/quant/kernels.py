@@ -91,7 +91,7 @@ def cuda_inner_k_tiles(in_features: int) -> int:
 
 
 def int4_mm(x: torch.Tensor, kernel: str, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ dequantized(packed).T -> [M, N], by the kernel that `int4_pack` chose (bf16 out of torch's, fp32 out of native)."""
+    """x [M, K] @ dequantized(packed).T -> [M, N], by the kernel that `int4_pack` chose (bf16 out of torch's; native: bf16 for bf16 x, else fp32)."""
     if kernel == "native":
         return native_int4.matmul(x, packed, group_size, scales_and_zeros)
     if kernel == "cuda-tinygemm":

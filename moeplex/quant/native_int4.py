@@ -26,6 +26,7 @@ from moeplex.switch import Switch
 SOURCE = Path(__file__).with_name("native") / "int4_matmul.c"
 BLOCK = 32  # input channels per packed block (16 bytes)
 SWITCH = Switch("MOEPLEX_NATIVE_INT4")  # 0: int4 uses torch's kernel; SWITCH.turned_off(): packs for it within a block
+KERNEL_IO = (torch.float32, torch.bfloat16)  # dtypes the kernel reads and writes as they are
 AVX512_SWITCH = Switch("MOEPLEX_NATIVE_INT4_AVX512")  # 0: the kernel keeps its AVX2 path on AVX-512 CPUs too
 
 
@@ -49,20 +50,51 @@ def pack(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (any float dtype) @ W.T -> [M, N] float32, for W in `pack`'s layout."""
+    """x [M, K] @ W.T -> [M, N] for W in `pack`'s layout: bf16 in, bf16 out; any other float dtype in, float32 out.
+
+    The kernel reads and writes bf16 itself (`KERNEL_IO`), so a bf16 caller pays no casts.
+    """
     library = _library()  # a matrix packed for this kernel can still be multiplied while SWITCH is off
     if library is None:
         raise NativeKernelError("the native int4 kernel is not available on this machine")
-    x = x.float().contiguous()
+    io = x.dtype if x.dtype in KERNEL_IO else torch.float32
+    x = x.to(io).contiguous()
     rows = packed.shape[0]
-    out = torch.empty(x.shape[0], rows, dtype=torch.float32)
+    out = torch.empty(x.shape[0], rows, dtype=io)
+    bf16 = int(io == torch.bfloat16)
     status = library.moeplex_int4_matmul(
-        x.data_ptr(), x.shape[0], x.shape[1], packed.data_ptr(), scales_and_zeros.data_ptr(),
-        rows, group_size, out.data_ptr(), torch.get_num_threads(), int(AVX512_SWITCH.on),
+        x.data_ptr(), bf16, x.shape[0], x.shape[1], packed.data_ptr(), scales_and_zeros.data_ptr(),
+        rows, group_size, out.data_ptr(), bf16, torch.get_num_threads(), int(AVX512_SWITCH.on),
     )
     if status != 0:
         raise NativeKernelError(f"the native int4 kernel refused x {tuple(x.shape)}, weight [{rows}, "
                                 f"{packed.shape[1] * 2}], group size {group_size}")
+    return out
+
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scales: torch.Tensor, down: torch.Tensor, down_scales: torch.Tensor,
+           group_size: int) -> torch.Tensor:
+    """One SwiGLU expert in one call: x [M, H] bf16 -> down(silu(gate) * up) [M, H] bf16, gate_up [2I, H] and down [H, I] in `pack`'s layout.
+
+    The same roundings as `matmul` composed with torch's silu and product in bf16 (up to silu's last bit).
+    """
+    library = _library()
+    if library is None:
+        raise NativeKernelError("the native int4 kernel is not available on this machine")
+    hidden, inter = down.shape[0], gate_up.shape[0] // 2
+    fits = x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[1] == hidden == gate_up.shape[1] * 2 and down.shape[1] * 2 == inter
+    status = -1
+    if fits:
+        x = x.contiguous()
+        out = torch.empty(x.shape[0], hidden, dtype=torch.bfloat16)
+        status = library.moeplex_int4_swiglu(
+            x.data_ptr(), x.shape[0], hidden, inter, gate_up.data_ptr(), gate_up_scales.data_ptr(), down.data_ptr(),
+            down_scales.data_ptr(), group_size, out.data_ptr(), torch.get_num_threads(), int(AVX512_SWITCH.on),
+        )
+    if status != 0:
+        raise NativeKernelError(f"the native SwiGLU expert takes bf16 x [M, H] with gate_up [2I, H] and down [H, I], not x "
+                                f"{x.dtype} {tuple(x.shape)}, gate_up [{2 * inter}, {gate_up.shape[1] * 2}], down [{hidden}, "
+                                f"{down.shape[1] * 2}], group size {group_size}")
     return out
 
 
@@ -73,8 +105,13 @@ def _library() -> ctypes.CDLL | None:
         return None
     library.moeplex_int4_matmul.restype = ctypes.c_int
     library.moeplex_int4_matmul.argtypes = [
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+    ]
+    library.moeplex_int4_swiglu.restype = ctypes.c_int
+    library.moeplex_int4_swiglu.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
     ]
     library.moeplex_int4_runs_avx512.restype = ctypes.c_int
     library.moeplex_int4_runs_avx512.argtypes = [ctypes.c_int64]

@@ -19,6 +19,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
+#include "bf16_bits.h"
 
 #define TARGET "avx512f,avx512bw,avx512vl,avx512bf16"
 #define OUTPUTS_PER_BLOCK 16
@@ -29,14 +30,6 @@ int moeplex_gathered_gemv_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-}
-
-static inline uint16_t float_to_bf16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN stays NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
 }
 
 /* Lane i of the result: the sum of the 16 lanes of v[i]. */

@@ -6,7 +6,7 @@
      packed  [N, K/2] bytes: per row, blocks of 32 input channels in 16 bytes; byte i of a block holds
              channel i in its low nibble and channel 16 + i in its high nibble.
      scales_zeros [N, K/group, 2] bf16 bits: (scale, zero) per row and group.
-     x [M, K] and out [M, N]: float32, rows contiguous.
+     x [M, K] and out [M, N]: float32 or bf16 bits, rows contiguous.
 
    How: each activation row enters as 16-bit fixed point per group (x = x16 * x_scale, x_scale = max |x|
    / 32767, an error far below bf16's rounding of the same activations). A weight block is widened
@@ -22,6 +22,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "bf16_bits.h"
 
 #define BLOCK 32
 #define ROWS_PER_PASS 4
@@ -34,13 +35,6 @@
 int moeplex_int4_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-
-static inline float bf16_to_float(uint16_t bits) {
-    uint32_t widened = (uint32_t)bits << 16;
-    float value;
-    memcpy(&value, &widened, sizeof value);
-    return value;
 }
 
 /* Per activation row and group: the 16-bit values, their scale and the plain sum of the group. */
@@ -290,10 +284,10 @@ __attribute__((target(WIDE_TARGET))) static void wide_block_times_all_activation
 #undef WIDE_PASS
 }
 
-/* Returns 0, or -1 when the arguments do not describe this layout (or memory ran out). allow_avx512 = 0 keeps
-   the AVX2 path; otherwise the AVX-512 one runs where the CPU has it and the group is a multiple of 64 channels. */
-int moeplex_int4_matmul(const float *x, int64_t m, int64_t in_features, const uint8_t *packed,
-                        const uint16_t *scales_zeros, int64_t n, int64_t group, float *out, int threads, int allow_avx512) {
+/* out = x @ W.T with x and out float32 (see the top of this file). Returns 0, or -1 when the arguments do not describe
+   this layout (or memory ran out). */
+static int matmul_float(const float *x, int64_t m, int64_t in_features, const uint8_t *packed, const uint16_t *scales_zeros,
+                        int64_t n, int64_t group, float *out, int threads, int allow_avx512) {
     if (m < 0 || n < 0 || group < BLOCK || group % BLOCK || in_features % group) return -1;
     int64_t groups = in_features / group;
     int wide = allow_avx512 && moeplex_int4_runs_avx512(group);
@@ -319,4 +313,103 @@ int moeplex_int4_matmul(const float *x, int64_t m, int64_t in_features, const ui
     }
     free_fixed_point(&rows);
     return 0;
+}
+
+/* The entry point: x [M, K] and out [M, N] each float32, or bf16 bits where x_bf16 / out_bf16 (widened exactly on the
+   way in, rounded to nearest even on the way out, as torch's casts do), so callers in bf16 need no casts of their own.
+   Returns 0, or -1 when the arguments do not describe this layout (or memory ran out). allow_avx512 = 0 keeps the
+   AVX2 path; otherwise the AVX-512 one runs where the CPU has it and the group is a multiple of 64 channels. */
+int moeplex_int4_matmul(const void *x, int x_bf16, int64_t m, int64_t in_features, const uint8_t *packed,
+                        const uint16_t *scales_zeros, int64_t n, int64_t group, void *out, int out_bf16, int threads,
+                        int allow_avx512) {
+    if (m < 0 || n < 0 || in_features < 0) return -1;
+    float *x_float = x_bf16 ? malloc(sizeof(float) * (size_t)(m * in_features + 1)) : (float *)x;
+    float *out_float = out_bf16 ? malloc(sizeof(float) * (size_t)(m * n + 1)) : (float *)out;
+    int status = -1;
+    if (x_float && out_float) {
+        if (x_bf16)
+            for (int64_t i = 0; i < m * in_features; i++) x_float[i] = bf16_to_float(((const uint16_t *)x)[i]);
+        status = matmul_float(x_float, m, in_features, packed, scales_zeros, n, group, out_float, threads, allow_avx512);
+        if (status == 0 && out_bf16)
+            for (int64_t i = 0; i < m * n; i++) ((uint16_t *)out)[i] = float_to_bf16(out_float[i]);
+    }
+    if (x_bf16) free(x_float);
+    if (out_bf16) free(out_float);
+    return status;
+}
+
+/* v rounded to bf16 and widened back, 16 lanes (nearest even; NaN stays NaN, as float_to_bf16). */
+__attribute__((target(WIDE_TARGET))) static inline __m512 wide_round_to_bf16(__m512 v) {
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+    rounded = _mm512_and_si512(rounded, _mm512_set1_epi32((int)0xffff0000u));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_mask_mov_ps(_mm512_castsi512_ps(rounded), nan, v);
+}
+
+/* exp(v), 16 lanes: 2^n * p(r) with v = n ln2 + r, |r| <= ln2 / 2, p Cephes' degree-7 polynomial (about 1 float ulp). */
+__attribute__((target(WIDE_TARGET))) static inline __m512 wide_exp(__m512 v) {
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n); /* 2^n exactly, to inf or 0 beyond float's range */
+}
+
+/* product[i] = bf16(bf16(silu(bf16(gates[i]))) * bf16(ups[i])) for the first multiple of 16 of count; returns how many. */
+__attribute__((target(WIDE_TARGET))) static int64_t wide_silu_times_up(const float *gates, const float *ups, int64_t count,
+                                                                        float *product) {
+    int64_t i = 0;
+    for (; i + 16 <= count; i += 16) {
+        __m512 gate = wide_round_to_bf16(_mm512_loadu_ps(gates + i));
+        __m512 silu = wide_round_to_bf16(_mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.0f), wide_exp(_mm512_sub_ps(_mm512_setzero_ps(), gate)))));
+        _mm512_storeu_ps(product + i, wide_round_to_bf16(_mm512_mul_ps(silu, wide_round_to_bf16(_mm512_loadu_ps(ups + i)))));
+    }
+    return i;
+}
+
+/* One SwiGLU expert on bf16 rows: out = down(silu(gate) * up) with [gate; up] = gate_up(x), x [M, H] and out [M, H]
+   bf16 bits, gate_up [2I, H] and down [H, I] in this layout. Rounds to bf16 where torch's composition of the same
+   kernels does (the gate_up output, silu, the product, the down output; silu as x / (1 + exp(-x)) in float), so a
+   step takes one call instead of seven torch calls. Returns 0, or -1 as moeplex_int4_matmul does. */
+int moeplex_int4_swiglu(const uint16_t *x, int64_t m, int64_t hidden, int64_t inter, const uint8_t *gate_up,
+                        const uint16_t *gate_up_scales, const uint8_t *down, const uint16_t *down_scales, int64_t group,
+                        uint16_t *out, int threads, int allow_avx512) {
+    if (m < 0 || hidden < 0 || inter < 0) return -1;
+    float *x_float = malloc(sizeof(float) * (size_t)(m * hidden + 1));
+    float *gate_up_out = malloc(sizeof(float) * (size_t)(m * 2 * inter + 1));
+    float *product = malloc(sizeof(float) * (size_t)(m * inter + 1));
+    float *out_float = malloc(sizeof(float) * (size_t)(m * hidden + 1));
+    int status = -1;
+    if (x_float && gate_up_out && product && out_float) {
+        for (int64_t i = 0; i < m * hidden; i++) x_float[i] = bf16_to_float(x[i]);
+        status = matmul_float(x_float, m, hidden, gate_up, gate_up_scales, 2 * inter, group, gate_up_out, threads, allow_avx512);
+        if (status == 0) {
+            int wide = allow_avx512 && moeplex_int4_runs_avx512(group);
+            for (int64_t r = 0; r < m; r++) {
+                const float *gates = gate_up_out + r * 2 * inter, *ups = gates + inter;
+                int64_t i = wide ? wide_silu_times_up(gates, ups, inter, product + r * inter) : 0;
+                for (; i < inter; i++) {
+                    float gate = bf16_to_float(float_to_bf16(gates[i]));
+                    float silu = bf16_to_float(float_to_bf16(gate / (1.0f + expf(-gate))));
+                    product[r * inter + i] = bf16_to_float(float_to_bf16(silu * bf16_to_float(float_to_bf16(ups[i]))));
+                }
+            }
+            status = matmul_float(product, m, inter, down, down_scales, hidden, group, out_float, threads, allow_avx512);
+        }
+        if (status == 0)
+            for (int64_t i = 0; i < m * hidden; i++) out[i] = float_to_bf16(out_float[i]);
+    }
+    free(x_float);
+    free(gate_up_out);
+    free(product);
+    free(out_float);
+    return status;
 }
