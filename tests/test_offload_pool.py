@@ -126,6 +126,23 @@ def test_prefetcher_fetches_by_priority_and_drops_stale_work():
     assert pool.resident_keys() == {"a", "c", "d"}
 
 
+def test_the_prefetch_worker_fetches_on_one_omp_thread():
+    source = MemorySource(KEYS)
+    pool = trace_pool(source, 5, {key: 0.5 for key in KEYS})
+    threads_while_reading = []
+    read = source.read
+    source.read = lambda key, *args, **kwargs: threads_while_reading.append(torch.get_num_threads()) or read(key, *args, **kwargs)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with Prefetcher(pool) as prefetcher:
+            prefetcher.submit([PrefetchRequest("a", 0.9, 1)])
+            assert prefetcher.wait_until_idle(5)
+        assert threads_while_reading == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_demand_waits_for_an_in_flight_prefetch_instead_of_reading_twice():
     source = MemorySource(KEYS)
     pool = trace_pool(source, 2, {"a": 0.9})

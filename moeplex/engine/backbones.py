@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from moeplex.cores import one_omp_thread_for_this_thread
 from moeplex.model.weights import Backbone
 
 
@@ -46,7 +47,8 @@ class BackboneResidency:
         self.resident: OrderedDict[str, Backbone] = OrderedDict()
         self.stats = SwitchStats()
         self._lock = threading.Lock()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backbone-prefetch")
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backbone-prefetch",
+                                          initializer=one_omp_thread_for_this_thread)  # loads must not slow the engine's ops
         self._staged: tuple[str, Future] | None = None
         for variant in list(preload)[:capacity]:
             self.resident[variant] = self._timed_load(variant)

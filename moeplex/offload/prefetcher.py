@@ -13,6 +13,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Self
 
+from moeplex.cores import one_omp_thread_for_this_thread
 from moeplex.offload.pool import ExpertPool
 
 
@@ -78,6 +79,7 @@ class Prefetcher:
         self.close()
 
     def _run(self) -> None:
+        one_omp_thread_for_this_thread()  # fetches must not slow the compute threads' parallel ops
         while True:
             with self._cond:
                 self._busy = False
