@@ -73,16 +73,6 @@ def decode_tokens_per_s(model: MoEModel, prompt: list[int], new_tokens: int) -> 
     return timer.steps / timer.seconds
 
 
-def bench_store() -> Path:
-    """An identity store of the bench demo family's base (built, once, if missing)."""
-    from moeplex.consolidate.family_spec import FamilySpec
-    from moeplex.demo import build_demo_family
-    from moeplex.store.writer import identity_store
-
-    demo = build_demo_family(size="bench")
-    return identity_store(FamilySpec("bench-offload", base=None, variants={"base": demo.base}), demo.root / "offload-bench-store")
-
-
 def drop_page_cache(store: Path) -> None:
     """Evict the store's expert files from the page cache."""
     for path in (store / "experts").iterdir():

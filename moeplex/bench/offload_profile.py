@@ -16,7 +16,8 @@ import pstats
 import torch
 
 from moeplex.bench.measure import median
-from moeplex.bench.offload import BenchSetup, bench_store, decode_tokens_per_s, drop_page_cache, pool_summary, random_prompts, reset_counters
+from moeplex.bench.offload import BenchSetup, decode_tokens_per_s, drop_page_cache, pool_summary, random_prompts, reset_counters
+from moeplex.demo.stores import bench_base_store
 from moeplex.offload.bench_options import OffloadBenchSettings
 
 PROFILED = "offload|prediction|forecast|reuse|policies|disk"
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = OffloadBenchSettings(repeats=args.repeats)
     torch.set_num_threads(settings.threads)
-    store = bench_store()
+    store = bench_base_store()
     setup = BenchSetup.open(store)
     count = settings.calibration_requests
     prompts = random_prompts(count + args.repeats + 2, settings.prompt_tokens, setup.spec.vocab_size, settings.seed)

@@ -1,4 +1,5 @@
-"""The tiny demo family's two stores, built on first use: consolidated (what `make run` serves) and identity."""
+"""The demo families' stores, built on first use: the tiny family consolidated (what `make run` serves) and as an
+identity store, and the bench family's base alone."""
 
 from __future__ import annotations
 
@@ -31,3 +32,13 @@ def identity_store() -> Path:
     if not (out / "manifest.json").is_file():
         print(f"writing the demo family's identity store to {out}", flush=True)
     return write_identity_store(load_family_spec(demo.spec_file), out)
+
+
+def bench_base_store() -> Path:
+    """An identity store of the bench demo family's base alone (untrained, bench-size); built, once, if missing."""
+    from moeplex.consolidate.family_spec import FamilySpec
+    from moeplex.demo import build_demo_family
+    from moeplex.store.writer import identity_store as write_identity_store
+
+    demo = build_demo_family(size="bench")
+    return write_identity_store(FamilySpec("bench-offload", base=None, variants={"base": demo.base}), demo.root / "offload-bench-store")

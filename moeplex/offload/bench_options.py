@@ -42,12 +42,13 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 def run_from_options(args: argparse.Namespace) -> dict:
     """Run the benchmark the options describe, print its table, write --json."""
-    from moeplex.bench.offload import bench_store, format_table, run_offload_benchmark
+    from moeplex.bench.offload import format_table, run_offload_benchmark
+    from moeplex.demo.stores import bench_base_store
 
     settings = OffloadBenchSettings(
         budgets=tuple(args.budgets), new_tokens=args.new_tokens, repeats=args.repeats, window=args.window,
         min_probability=args.min_probability, score_threshold=args.score_threshold, threads=args.threads, device=args.device,
         direct_io=not args.page_cache_reads,
     )
-    result = run_offload_benchmark(args.store or bench_store(), settings)
+    result = run_offload_benchmark(args.store or bench_base_store(), settings)
     return publish(format_table(result), result, args.json)

@@ -22,6 +22,7 @@ class QuantBenchSettings:
 
 
 PARTS = ("speed", "kernels", "selection", "frontier")
+STORE_FAMILIES = ("tiny", "bench")
 FRONTIER_STEPS = 8  # int4 / int8 counts at eighths of the experts: 45 configurations
 FRONTIER_DEVICE_MEMORY = "0.35x"  # of the store all resident in bf16: every backbone, ~1/6 of the bf16 experts
 
@@ -37,7 +38,11 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="speed: all int4 / int8 vs bf16 on the bench model; kernels: one expert matmul in bf16 and both int4 kernels "
                              "at 1-16 tokens; selection and frontier: on --store (default: all)")
-    parser.add_argument("--store", type=Path, help="trained store for selection and frontier (default: the tiny demo family's identity store)")
+    parser.add_argument("--store", type=Path, help="store for selection and frontier (default: --family's demo store)")
+    parser.add_argument("--family", choices=STORE_FAMILIES, default="tiny",
+                        help="demo store for selection and frontier without --store: tiny, the trained tiny family's identity store "
+                             "(its decode is bound by per-step overhead); bench, the bench family's base alone (untrained, so score "
+                             "it by KL; its decode is bound by expert bytes, as real models' is) (default: tiny)")
     parser.add_argument("--frontier-steps", type=int, default=FRONTIER_STEPS, help=f"int4 / int8 counts at multiples of 1/STEPS of the experts (default: {FRONTIER_STEPS})")
     parser.add_argument("--device-memory", default=FRONTIER_DEVICE_MEMORY,
                         help="the fixed device budget of the frontier (backbones + resident experts; experts beyond it are "
@@ -82,7 +87,7 @@ def _run_kernels(args: argparse.Namespace) -> dict:
 
 
 def _run_store_parts(args: argparse.Namespace) -> dict:
-    from moeplex.demo.stores import identity_store
+    from moeplex.demo.stores import bench_base_store, identity_store
     from moeplex.planner.command import device_budgets
     from moeplex.planner.meter import MeterSettings, StoreMeter
     from moeplex.planner.profile import Profiler
@@ -93,7 +98,7 @@ def _run_store_parts(args: argparse.Namespace) -> dict:
         measure_frontier,
     )
 
-    store = args.store or identity_store()
+    store = args.store or (bench_base_store() if args.family == "bench" else identity_store())
     meter = StoreMeter(store, MeterSettings(threads=args.threads, group_size=args.group_size))
     device_bytes, expert_budget = device_budgets(meter, args.device_memory)
     profiler = Profiler(meter, expert_budget=expert_budget)  # the selection part scores quality only: budget unused there
