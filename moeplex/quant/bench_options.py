@@ -86,8 +86,16 @@ def _run_kernels(args: argparse.Namespace) -> dict:
     return result
 
 
-def _run_store_parts(args: argparse.Namespace) -> dict:
+def store_parts_store(args: argparse.Namespace) -> Path:
+    """The store the selection and frontier parts run on: --store, else --family's demo store (built on first use)."""
     from moeplex.demo.stores import bench_base_store, identity_store
+
+    if args.store is not None:
+        return args.store
+    return bench_base_store() if args.family == "bench" else identity_store()
+
+
+def _run_store_parts(args: argparse.Namespace) -> dict:
     from moeplex.planner.command import device_budgets
     from moeplex.planner.meter import MeterSettings, StoreMeter
     from moeplex.planner.profile import Profiler
@@ -98,7 +106,7 @@ def _run_store_parts(args: argparse.Namespace) -> dict:
         measure_frontier,
     )
 
-    store = args.store or (bench_base_store() if args.family == "bench" else identity_store())
+    store = store_parts_store(args)
     meter = StoreMeter(store, MeterSettings(threads=args.threads, group_size=args.group_size))
     device_bytes, expert_budget = device_budgets(meter, args.device_memory)
     profiler = Profiler(meter, expert_budget=expert_budget)  # the selection part scores quality only: budget unused there
