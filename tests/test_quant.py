@@ -11,6 +11,7 @@ from moeplex.model.experts import DenseExperts
 from moeplex.model.runtime import load_model
 from moeplex.quant.apply import quantize_bank_experts, quantize_model_experts
 from moeplex.quant.experts import QuantizedExperts, quantize_expert
+from moeplex.quant import kernels, native_int4
 from moeplex.quant.formats import PRECISIONS
 from moeplex.quant.int4 import quantize_int4
 from moeplex.quant.int8 import quantize_int8
@@ -116,15 +117,19 @@ def test_mixed_precision_experts_are_close_and_exact_where_unquantized():
     assert quantized.nbytes < dense.nbytes
 
 
-def test_one_token_gives_the_grouped_paths_sums_bit_for_bit():
+def test_one_token_gives_the_grouped_paths_sums_bit_for_bit(monkeypatch):
+    mixtures = []  # the calls that ran all-int4 choices in one native call, where the native kernel runs
+    spied = native_int4.swiglu_mixture
+    monkeypatch.setattr(native_int4, "swiglu_mixture", lambda *args: mixtures.append(args) or spied(*args))
     dense = random_dense_experts()
     precision_of = {(1, 0): "int4", (1, 1): "int8", (1, 2): "int4"}  # expert 3 stays bf16
     quantized = QuantizedExperts.from_dense(dense, precision_of, group_size=32)
     hidden, expert_ids, weights = routing(1, 4, seed=9)
-    for ids in (expert_ids, torch.tensor([[0, 1]]), torch.tensor([[2, 3]]), torch.tensor([[3, 0]])):
+    for ids in (expert_ids, torch.tensor([[0, 1]]), torch.tensor([[2, 3]]), torch.tensor([[3, 0]]), torch.tensor([[2, 0]])):  # [2, 0]: all int4
         one = quantized(1, hidden, ids, weights)
         assert one.shape == hidden.shape and one.dtype == hidden.dtype
         assert torch.equal(one, quantized.grouped(1, hidden, ids, weights))
+    assert len(mixtures) == (1 if native_int4.available() and kernels.uses_native_int4(32) else 0)
 
 
 def test_unknown_positions_and_precisions_are_rejected():

@@ -98,6 +98,32 @@ def test_the_swiglu_expert_refuses_what_it_cannot_compute():
         native_int4.swiglu(torch.randn(1, 128).bfloat16(), *arguments)  # H does not match the matrices
 
 
+@pytest.mark.parametrize("path", ["avx512", "avx2"])
+def test_the_expert_mixture_is_each_swiglu_weighted_and_summed_as_torch_rounds_it(path):
+    generator = torch.Generator().manual_seed(31)
+    hidden, inter = 256, 384
+    with native_int4_forced():
+        experts = [(quantize_int4(torch.randn(2 * inter, hidden, generator=generator) * 0.1, 128),
+                    quantize_int4(torch.randn(hidden, inter, generator=generator) * 0.1, 128)) for _ in range(3)]
+    operands = [(g.packed, g.scales_and_zeros, d.packed, d.scales_and_zeros) for g, d in experts]
+    x = (torch.randn(1, hidden, generator=generator) * 2).bfloat16()
+    weights = torch.rand(3, generator=generator).tolist()
+    with kernel_path(path, 128):
+        mixture = native_int4.swiglu_mixture(x, operands, weights, 128)
+        summed = None
+        for expert, weight in zip(operands, weights):  # QuantizedExperts.one_token's torch calls
+            y = native_int4.swiglu(x, *expert, 128).mul_(weight)
+            summed = y if summed is None else summed.add_(y)
+    assert mixture.shape == (1, hidden) and mixture.dtype == torch.bfloat16
+    assert torch.equal(mixture, summed)
+    with pytest.raises(native_int4.NativeKernelError, match="one bf16 token and a weight per expert"):
+        native_int4.swiglu_mixture(x, operands, weights[:2], 128)
+    with pytest.raises(native_int4.NativeKernelError, match="one bf16 token"):
+        native_int4.swiglu_mixture(x.repeat(2, 1), operands, weights, 128)
+    with pytest.raises(native_int4.NativeKernelError, match="share one shape"):
+        native_int4.swiglu_mixture(x[:, :128], operands, weights, 128)
+
+
 def test_native_and_torch_kernels_agree_through_int4_weight():
     generator = torch.Generator().manual_seed(3)
     weight = torch.randn(256, 512, generator=generator).bfloat16()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from moeplex.model.experts import DenseExperts, group_tokens_by_expert
 from moeplex.quant.formats import DEFAULT_GROUP_SIZE, UNQUANTIZED, Position
-from moeplex.quant.int4 import native_swiglu
+from moeplex.quant.int4 import native_swiglu, native_swiglu_mixture
 from moeplex.quant.precision import LinearWeight, check_precision, quantize_matrix
 
 
@@ -127,10 +127,17 @@ class QuantizedExperts:
         return out
 
     def one_token(self, layer, hidden, expert_ids, routing_weights):
-        """`grouped` for one token hidden [1, H], with the same roundings: each output times its weight, then summed in turn."""
+        """`grouped` for one token hidden [1, H], with the same roundings: each output times its weight, then summed in turn
+        (in one native call when every chosen expert is int4 on the native kernel: `native_swiglu_mixture`)."""
+        chosen = [self.experts[layer][expert] for expert in expert_ids[0].tolist()]
+        weights = routing_weights[0].tolist()
+        if all(expert.precision == "int4" for expert in chosen):  # all int4: one native call where it runs
+            mixture = native_swiglu_mixture(hidden, [(expert.gate_up, expert.down) for expert in chosen], weights)
+            if mixture is not None:
+                return mixture
         out = None
-        for expert, weight in zip(expert_ids[0].tolist(), routing_weights[0].tolist()):
-            y = self.experts[layer][expert](hidden).mul_(weight)
+        for expert, weight in zip(chosen, weights):
+            y = expert(hidden).mul_(weight)
             out = y if out is None else out.add_(y)
         return out
 

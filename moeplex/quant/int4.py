@@ -47,9 +47,29 @@ class Int4Weight:
 def native_swiglu(x: torch.Tensor, gate_up: Int4Weight, down: Int4Weight) -> torch.Tensor | None:
     """silu(x W_gate) * (x W_up) W_down in one native call (`native_int4.swiglu`) where it runs: bf16 rows on the CPU and
     both matrices packed for the native kernel with one group size; else None (the caller composes the matmuls)."""
-    if x.dtype != torch.bfloat16 or gate_up.kernel != "native" or down.kernel != "native" or gate_up.group_size != down.group_size:
+    if not _runs_native_swiglu(x, [(gate_up, down)]):
         return None
-    return native_int4.swiglu(x, gate_up.packed, gate_up.scales_and_zeros, down.packed, down.scales_and_zeros, gate_up.group_size)
+    return native_int4.swiglu(x, *_native_operands(gate_up, down), gate_up.group_size)
+
+
+def native_swiglu_mixture(x: torch.Tensor, experts: list[tuple[Int4Weight, Int4Weight]], weights: list[float]) -> torch.Tensor | None:
+    """One token x [1, H] through several experts (gate_up, down), outputs weighted and summed, in one native call
+    (`native_int4.swiglu_mixture`) where each expert runs as `native_swiglu` with one group size; else None."""
+    if x.shape[0] != 1 or not _runs_native_swiglu(x, experts):
+        return None
+    return native_int4.swiglu_mixture(x, [_native_operands(*expert) for expert in experts], weights, experts[0][0].group_size)
+
+
+def _runs_native_swiglu(x: torch.Tensor, experts: list[tuple[Int4Weight, Int4Weight]]) -> bool:
+    """bf16 x, and every matrix packed for the native kernel with the first's group size."""
+    group_size = experts[0][0].group_size
+    return x.dtype == torch.bfloat16 and all(
+        weight.kernel == "native" and weight.group_size == group_size for expert in experts for weight in expert
+    )
+
+
+def _native_operands(gate_up: Int4Weight, down: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gate_up.packed, gate_up.scales_and_zeros, down.packed, down.scales_and_zeros
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> Int4Weight:

@@ -98,6 +98,32 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scales: torch.Tensor,
     return out
 
 
+def swiglu_mixture(x: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+                   weights: list[float], group_size: int) -> torch.Tensor:
+    """One token x [1, H] bf16 through several SwiGLU experts, each (gate_up, gate_up_scales, down, down_scales) as for
+    `swiglu`: sum over experts of weight * output [1, H] bf16, rounded as torch's bf16 mul_ and add_ of each output in turn."""
+    library = _library()
+    if library is None:
+        raise NativeKernelError("the native int4 kernel is not available on this machine")
+    if not experts or len(experts) != len(weights) or x.dtype != torch.bfloat16 or tuple(x.shape[:1]) != (1,):
+        raise NativeKernelError(f"the native expert mixture takes one bf16 token and a weight per expert, not x {x.dtype} "
+                                f"{tuple(x.shape)} with {len(experts)} experts and {len(weights)} weights")
+    hidden, inter = experts[0][2].shape[0], experts[0][0].shape[0] // 2
+    if any(t.shape != e.shape for expert in experts for t, e in zip(expert, experts[0])) or x.shape[1] != hidden:
+        raise NativeKernelError(f"the experts of a native mixture share one shape, and x [1, {x.shape[1]}] must match it")
+    x = x.contiguous()
+    out = torch.empty(1, hidden, dtype=torch.bfloat16)
+    pointers = [(ctypes.c_void_p * len(experts))(*(expert[i].data_ptr() for expert in experts)) for i in range(4)]
+    status = library.moeplex_int4_swiglu_mixture(
+        x.data_ptr(), hidden, inter, len(experts), *pointers, (ctypes.c_float * len(weights))(*weights), group_size,
+        out.data_ptr(), torch.get_num_threads(), int(AVX512_SWITCH.on),
+    )
+    if status != 0:
+        raise NativeKernelError(f"the native expert mixture refused x {tuple(x.shape)} with experts gate_up "
+                                f"[{2 * inter}, {hidden}], down [{hidden}, {inter}], group size {group_size}")
+    return out
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     library = load_kernel(SOURCE, ("-fopenmp",), "moeplex_int4_supported", "native int4 kernel", "int4 uses torch's kernel")
@@ -112,6 +138,11 @@ def _library() -> ctypes.CDLL | None:
     library.moeplex_int4_swiglu.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+    ]
+    library.moeplex_int4_swiglu_mixture.restype = ctypes.c_int
+    library.moeplex_int4_swiglu_mixture.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
     ]
     library.moeplex_int4_runs_avx512.restype = ctypes.c_int
     library.moeplex_int4_runs_avx512.argtypes = [ctypes.c_int64]

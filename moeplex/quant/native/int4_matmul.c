@@ -59,8 +59,46 @@ static inline double fixed_point_inverse(float largest, float sum) {
     return fixed_point_finite(largest, sum) && largest > 0.0f ? INT16_LIMIT / (double)largest : 0.0;
 }
 
-/* One group in the AVX-512 path's order, 16 / 8 channels per instruction: the values of the scalar loop below
-   (products in double, rounded to nearest even), the sum in another order. Returns the group's largest |x|. */
+__attribute__((target("avx2,fma"))) static inline float horizontal_sum(__m256 v) {
+    __m128 pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    pair = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
+    pair = _mm_add_ss(pair, _mm_movehdup_ps(pair));
+    return _mm_cvtss_f32(pair);
+}
+
+/* One group in channel order, 8 channels per instruction (AVX2): each value x * (32767 / largest) computed in double
+   and rounded to nearest even (the conversion's default mode), the group's plain sum into sum_out. Returns the group's
+   largest |x|. */
+__attribute__((target("avx2,fma"))) static float narrow_group_to_fixed_point(const float *xg, int64_t group, int16_t *values,
+                                                                            float *sum_out) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 largest = _mm256_setzero_ps(), sums = _mm256_setzero_ps();
+    for (int64_t k = 0; k < group; k += 8) {
+        __m256 v = _mm256_loadu_ps(xg + k);
+        largest = _mm256_max_ps(largest, _mm256_and_ps(v, magnitude));
+        sums = _mm256_add_ps(sums, v);
+    }
+    float lanes[8], most = 0.0f;
+    _mm256_storeu_ps(lanes, largest);
+    for (int i = 0; i < 8; i++) most = fmaxf(most, lanes[i]);
+    float sum = horizontal_sum(sums);
+    *sum_out = sum;
+    if (!fixed_point_finite(most, sum)) {
+        memset(values, 0, sizeof(int16_t) * (size_t)group);
+        return most;
+    }
+    __m256d inverse = _mm256_set1_pd(fixed_point_inverse(most, sum));
+    for (int64_t k = 0; k < group; k += 8) {
+        __m128i low = _mm256_cvtpd_epi32(_mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(xg + k)), inverse));
+        __m128i high = _mm256_cvtpd_epi32(_mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(xg + k + 4)), inverse));
+        _mm_storeu_si128((__m128i *)(values + k), _mm_packs_epi32(low, high));
+    }
+    return most;
+}
+
+/* One group in the AVX-512 path's order, 16 / 8 channels per instruction: each value x * (32767 / largest) computed in
+   double and rounded to nearest even, as narrow_group_to_fixed_point's, the sum in another order. Returns the group's
+   largest |x|. */
 __attribute__((target(WIDE_TARGET))) static float wide_group_to_fixed_point(const float *xg, int64_t group, int16_t *values,
                                                                             float *sum_out) {
     __m512 largest = _mm512_setzero_ps(), sums = _mm512_setzero_ps();
@@ -83,7 +121,7 @@ __attribute__((target(WIDE_TARGET))) static float wide_group_to_fixed_point(cons
     return most;
 }
 
-/* interleaved: in the AVX-512 path's order (wide_slot), computed with AVX-512. */
+/* Every row of x in 16-bit fixed point per group; interleaved: in the AVX-512 path's order (wide_slot), computed with AVX-512. */
 static int to_fixed_point(const float *x, int64_t m, int64_t in_features, int64_t group, int interleaved, FixedPointRows *rows) {
     int64_t groups = in_features / group;
     rows->values = malloc(sizeof(int16_t) * (size_t)(m * in_features + 1));
@@ -94,18 +132,9 @@ static int to_fixed_point(const float *x, int64_t m, int64_t in_features, int64_
         for (int64_t g = 0; g < groups; g++) {
             const float *xg = x + r * in_features + g * group;
             int16_t *values = rows->values + r * in_features + g * group;
-            float largest = 0.0f, sum = 0.0f;
-            if (interleaved) {
-                largest = wide_group_to_fixed_point(xg, group, values, &sum);
-            } else {
-                for (int64_t k = 0; k < group; k++) {
-                    largest = fmaxf(largest, fabsf(xg[k]));
-                    sum += xg[k];
-                }
-                int finite = fixed_point_finite(largest, sum);
-                double inverse = fixed_point_inverse(largest, sum);
-                for (int64_t k = 0; k < group; k++) values[k] = (int16_t)lrint(finite ? xg[k] * inverse : 0.0);
-            }
+            float sum;
+            float largest = interleaved ? wide_group_to_fixed_point(xg, group, values, &sum)
+                                        : narrow_group_to_fixed_point(xg, group, values, &sum);
             rows->scales[r * groups + g] = fixed_point_finite(largest, sum) ? largest / INT16_LIMIT : NAN;
             rows->sums[r * groups + g] = sum;
         }
@@ -118,65 +147,88 @@ static void free_fixed_point(FixedPointRows *rows) {
     free(rows->sums);
 }
 
-__attribute__((target("avx2,fma"))) static inline float horizontal_sum(__m256 v) {
-    __m128 pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    pair = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
-    pair = _mm_add_ss(pair, _mm_movehdup_ps(pair));
-    return _mm_cvtss_f32(pair);
-}
-
-/* One weight row against `rows` (1..4, a constant after inlining) activation rows. */
-__attribute__((target("avx2,fma"), always_inline)) static inline void row_times_activations(
-    const uint8_t *weight_row, const uint16_t *scales_zeros_row, const int16_t *x16, const float *x_scales,
-    const float *x_sums, int64_t in_features, int64_t group, int64_t groups, int rows, float *out, int64_t out_stride) {
+/* `weights` consecutive weight rows against `rows` activation rows (weights * rows <= 4, constants after inlining).
+   Each activation block is loaded once for all the weight rows, and the weight rows accumulate in independent
+   registers; each weight load prefetches PREFETCH_BYTES ahead (without it, two threads streamed about half the
+   bytes per second on the AVX2 EPYC VM). */
+__attribute__((target("avx2,fma"), always_inline)) static inline void narrow_rows_times_activations(
+    const uint8_t *weight_rows, const uint16_t *scales_zeros_rows, const int16_t *x16, const float *x_scales,
+    const float *x_sums, int64_t in_features, int64_t group, int64_t groups, int weights, int rows, float *out, int64_t n) {
     const __m256i low_nibble = _mm256_set1_epi16(0x0F);
     __m256 totals[ROWS_PER_PASS];
     float zero_terms[ROWS_PER_PASS];
-    for (int r = 0; r < rows; r++) {
-        totals[r] = _mm256_setzero_ps();
-        zero_terms[r] = 0.0f;
+    for (int i = 0; i < weights * rows; i++) {
+        totals[i] = _mm256_setzero_ps();
+        zero_terms[i] = 0.0f;
     }
     for (int64_t g = 0; g < groups; g++) {
         __m256i in_group[ROWS_PER_PASS];
-        for (int r = 0; r < rows; r++) in_group[r] = _mm256_setzero_si256();
+        for (int i = 0; i < weights * rows; i++) in_group[i] = _mm256_setzero_si256();
         for (int64_t k = g * group; k < (g + 1) * group; k += BLOCK) {
-            __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(weight_row + k / 2)));
-            __m256i low = _mm256_and_si256(bytes, low_nibble);   /* channels k .. k + 15 */
-            __m256i high = _mm256_srli_epi16(bytes, 4);         /* channels k + 16 .. k + 31 */
-            for (int r = 0; r < rows; r++) {
-                const int16_t *xr = x16 + r * in_features + k;
-                __m256i products = _mm256_madd_epi16(low, _mm256_loadu_si256((const __m256i *)xr));
-                products = _mm256_add_epi32(products, _mm256_madd_epi16(high, _mm256_loadu_si256((const __m256i *)(xr + 16))));
-                in_group[r] = _mm256_add_epi32(in_group[r], products);
+#pragma GCC unroll 4
+            for (int w = 0; w < weights; w++) {
+                const uint8_t *packed = weight_rows + w * (in_features / 2) + k / 2;
+                _mm_prefetch((const char *)packed + PREFETCH_BYTES, _MM_HINT_T0);
+                __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)packed));
+                __m256i low = _mm256_and_si256(bytes, low_nibble); /* channels k .. k + 15 */
+                __m256i high = _mm256_srli_epi16(bytes, 4);       /* channels k + 16 .. k + 31 */
+#pragma GCC unroll 4
+                for (int r = 0; r < rows; r++) {
+                    const int16_t *xr = x16 + r * in_features + k;
+                    int i = w * rows + r;
+                    in_group[i] = _mm256_add_epi32(in_group[i], _mm256_madd_epi16(low, _mm256_loadu_si256((const __m256i *)xr)));
+                    in_group[i] = _mm256_add_epi32(in_group[i], _mm256_madd_epi16(high, _mm256_loadu_si256((const __m256i *)(xr + 16))));
+                }
             }
         }
-        float scale = bf16_to_float(scales_zeros_row[2 * g]);
-        float zero = bf16_to_float(scales_zeros_row[2 * g + 1]);
         /* Lane sums stay below 2^24 for groups of up to 128 (15 * 32767 * 4 per block), so the
            conversion to float is exact; no horizontal sum until the row ends. */
-        for (int r = 0; r < rows; r++) {
-            __m256 group_scale = _mm256_set1_ps(scale * x_scales[r * groups + g]);
-            totals[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(in_group[r]), group_scale, totals[r]);
-            zero_terms[r] += (zero - 8.0f * scale) * x_sums[r * groups + g];
+        for (int w = 0; w < weights; w++) {
+            const uint16_t *scale_zero = scales_zeros_rows + w * groups * 2 + 2 * g;
+            float scale = bf16_to_float(scale_zero[0]), zero = bf16_to_float(scale_zero[1]);
+            for (int r = 0; r < rows; r++) {
+                int i = w * rows + r;
+                totals[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(in_group[i]), _mm256_set1_ps(scale * x_scales[r * groups + g]), totals[i]);
+                zero_terms[i] += (zero - 8.0f * scale) * x_sums[r * groups + g];
+            }
         }
     }
-    for (int r = 0; r < rows; r++) out[r * out_stride] = horizontal_sum(totals[r]) + zero_terms[r];
+    for (int w = 0; w < weights; w++)
+        for (int r = 0; r < rows; r++) out[r * n + w] = horizontal_sum(totals[w * rows + r]) + zero_terms[w * rows + r];
 }
 
-__attribute__((target("avx2,fma"))) static void row_times_all_activations(
-    const uint8_t *weight_row, const uint16_t *scales_zeros_row, const FixedPointRows *x, int64_t m,
-    int64_t in_features, int64_t group, int64_t groups, float *out_column, int64_t n) {
-#define PASS(ROWS)                                                                                              \
-    row_times_activations(weight_row, scales_zeros_row, x->values + r * in_features, x->scales + r * groups,    \
-                          x->sums + r * groups, in_features, group, groups, ROWS, out_column + r * n, n)
-    int64_t r = 0;
-    for (; r + ROWS_PER_PASS <= m; r += ROWS_PER_PASS) PASS(ROWS_PER_PASS);
-    switch (m - r) {
-    case 3: PASS(3); break;
-    case 2: PASS(2); break;
-    case 1: PASS(1); break;
+/* The passes over weight rows first..first+count-1 (count <= 4) and every activation row: 4, 2 or 1 weight rows
+   at a time for 1, 2 or more activation rows at a time. PASS(WEIGHTS, ROWS, ROW, WEIGHT) runs one, so both paths
+   split the work the same way. */
+#define EACH_PASS(PASS)                                                                                         \
+    for (int64_t r = 0; r < m;) {                                                                               \
+        int64_t rows = m - r >= 4 ? 4 : m - r;                                                                  \
+        if (rows == 1 && count == WEIGHT_ROWS_PER_PASS) PASS(4, 1, r, first);                                   \
+        else if (rows == 2 && count == WEIGHT_ROWS_PER_PASS) {                                                  \
+            PASS(2, 2, r, first);                                                                               \
+            PASS(2, 2, r, first + 2);                                                                           \
+        } else                                                                                                  \
+            for (int64_t w = first; w < first + count; w++) switch (rows) {                                     \
+                case 4: PASS(1, 4, r, w); break;                                                                \
+                case 3: PASS(1, 3, r, w); break;                                                                \
+                case 2: PASS(1, 2, r, w); break;                                                                \
+                default: PASS(1, 1, r, w); break;                                                               \
+                }                                                                                               \
+        r += rows;                                                                                              \
     }
-#undef PASS
+
+/* The arguments of one pass of either path (inside a function with the parameters of the block functions below). */
+#define PASS_ARGUMENTS(WEIGHTS, ROWS, ROW, WEIGHT)                                                              \
+    packed + (WEIGHT) * (in_features / 2), scales_zeros + (WEIGHT) * groups * 2, x->values + (ROW) * in_features, \
+        x->scales + (ROW) * groups, x->sums + (ROW) * groups, in_features, group, groups, WEIGHTS, ROWS,        \
+        out + (ROW) * n + (WEIGHT), n
+
+__attribute__((target("avx2,fma"))) static void narrow_block_times_all_activations(
+    const uint8_t *packed, const uint16_t *scales_zeros, const FixedPointRows *x, int64_t m, int64_t in_features,
+    int64_t group, int64_t groups, int64_t first, int64_t count, float *out, int64_t n) {
+#define NARROW_PASS(WEIGHTS, ROWS, ROW, WEIGHT) narrow_rows_times_activations(PASS_ARGUMENTS(WEIGHTS, ROWS, ROW, WEIGHT))
+    EACH_PASS(NARROW_PASS)
+#undef NARROW_PASS
 }
 
 /* The AVX-512 path (AVX512-BW, VL and VNNI; groups a multiple of 64 channels). Two packed blocks are widened
@@ -256,31 +308,11 @@ __attribute__((target(WIDE_TARGET), always_inline)) static inline void wide_rows
         for (int r = 0; r < rows; r++) out[r * n + w] = _mm512_reduce_add_ps(totals[w * rows + r]) + zero_terms[w * rows + r];
 }
 
-/* Weight rows first..first+count-1 (count <= 4) against every activation row: 4, 2 or 1 weight rows per pass
-   for 1, 2 or more activation rows at a time. */
 __attribute__((target(WIDE_TARGET))) static void wide_block_times_all_activations(
     const uint8_t *packed, const uint16_t *scales_zeros, const FixedPointRows *x, int64_t m, int64_t in_features,
     int64_t group, int64_t groups, int64_t first, int64_t count, float *out, int64_t n) {
-#define WIDE_PASS(WEIGHTS, ROWS, ROW, WEIGHT)                                                                    \
-    wide_rows_times_activations(packed + (WEIGHT) * (in_features / 2), scales_zeros + (WEIGHT) * groups * 2,   \
-                                x->values + (ROW) * in_features, x->scales + (ROW) * groups,                   \
-                                x->sums + (ROW) * groups, in_features, group, groups, WEIGHTS, ROWS,          \
-                                out + (ROW) * n + (WEIGHT), n)
-    for (int64_t r = 0; r < m;) {
-        int64_t rows = m - r >= 4 ? 4 : m - r;
-        if (rows == 1 && count == WEIGHT_ROWS_PER_PASS) WIDE_PASS(4, 1, r, first);
-        else if (rows == 2 && count == WEIGHT_ROWS_PER_PASS) {
-            WIDE_PASS(2, 2, r, first);
-            WIDE_PASS(2, 2, r, first + 2);
-        } else
-            for (int64_t w = first; w < first + count; w++) switch (rows) {
-                case 4: WIDE_PASS(1, 4, r, w); break;
-                case 3: WIDE_PASS(1, 3, r, w); break;
-                case 2: WIDE_PASS(1, 2, r, w); break;
-                default: WIDE_PASS(1, 1, r, w); break;
-                }
-        r += rows;
-    }
+#define WIDE_PASS(WEIGHTS, ROWS, ROW, WEIGHT) wide_rows_times_activations(PASS_ARGUMENTS(WEIGHTS, ROWS, ROW, WEIGHT))
+    EACH_PASS(WIDE_PASS)
 #undef WIDE_PASS
 }
 
@@ -297,19 +329,14 @@ static int matmul_float(const float *x, int64_t m, int64_t in_features, const ui
         return -1;
     }
     int parallel = threads > 1 && n * in_features * (m < ROWS_PER_PASS ? m : ROWS_PER_PASS) >= (1 << 17);
-    if (wide) {
-        int64_t blocks = (n + WEIGHT_ROWS_PER_PASS - 1) / WEIGHT_ROWS_PER_PASS;
+    int64_t blocks = (n + WEIGHT_ROWS_PER_PASS - 1) / WEIGHT_ROWS_PER_PASS;
 #pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
-        for (int64_t b = 0; b < blocks; b++) {
-            int64_t first = b * WEIGHT_ROWS_PER_PASS, count = n - first < WEIGHT_ROWS_PER_PASS ? n - first : WEIGHT_ROWS_PER_PASS;
-            wide_block_times_all_activations(packed, scales_zeros, &rows, m,
-                                             in_features, group, groups, first, count, out, n);
-        }
-    } else {
-#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
-        for (int64_t row = 0; row < n; row++)
-            row_times_all_activations(packed + row * (in_features / 2), scales_zeros + row * groups * 2, &rows, m,
-                                      in_features, group, groups, out + row, n);
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t first = b * WEIGHT_ROWS_PER_PASS, count = n - first < WEIGHT_ROWS_PER_PASS ? n - first : WEIGHT_ROWS_PER_PASS;
+        if (wide)
+            wide_block_times_all_activations(packed, scales_zeros, &rows, m, in_features, group, groups, first, count, out, n);
+        else
+            narrow_block_times_all_activations(packed, scales_zeros, &rows, m, in_features, group, groups, first, count, out, n);
     }
     free_fixed_point(&rows);
     return 0;
@@ -411,5 +438,28 @@ int moeplex_int4_swiglu(const uint16_t *x, int64_t m, int64_t hidden, int64_t in
     free(gate_up_out);
     free(product);
     free(out_float);
+    return status;
+}
+
+/* One token through `count` int4 SwiGLU experts (each as moeplex_int4_swiglu, x [1, H]), their outputs weighted and
+   summed into out [1, H]: each output times its weight rounded to bf16, then added to the sum in turn with a bf16
+   rounding, as torch's mul_ and add_ on bf16 tensors do (QuantizedExperts.one_token), so a decode step runs a
+   layer's chosen experts in one call. Returns 0, or -1 as moeplex_int4_swiglu does (or without experts). */
+int moeplex_int4_swiglu_mixture(const uint16_t *x, int64_t hidden, int64_t inter, int64_t count, const uint8_t *const *gate_ups,
+                                const uint16_t *const *gate_up_scales, const uint8_t *const *downs,
+                                const uint16_t *const *down_scales, const float *weights, int64_t group, uint16_t *out,
+                                int threads, int allow_avx512) {
+    if (count < 1 || hidden < 0) return -1;
+    uint16_t *y = malloc(sizeof(uint16_t) * (size_t)(hidden + 1));
+    int status = y ? 0 : -1;
+    for (int64_t e = 0; e < count && status == 0; e++) {
+        status = moeplex_int4_swiglu(x, 1, hidden, inter, gate_ups[e], gate_up_scales[e], downs[e], down_scales[e], group, y,
+                                     threads, allow_avx512);
+        for (int64_t i = 0; status == 0 && i < hidden; i++) {
+            uint16_t weighted = float_to_bf16(bf16_to_float(y[i]) * weights[e]);
+            out[i] = e == 0 ? weighted : float_to_bf16(bf16_to_float(out[i]) + bf16_to_float(weighted));
+        }
+    }
+    free(y);
     return status;
 }
