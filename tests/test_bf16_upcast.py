@@ -1,10 +1,13 @@
 """bf16 matmuls done in fp32 on CPUs that emulate bf16: when the rule upcasts, and that the answers stay bf16's."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from moeplex.model import bf16_upcast
+from moeplex.model.attention import _attend
 from moeplex.model.grouped import GroupedWeight, group_offsets, grouped_linear
 from moeplex.model.ops import linear
 from moeplex.switch import Switch
@@ -43,6 +46,23 @@ def test_the_switch_turns_upcasting_off(emulated, monkeypatch):
     monkeypatch.setenv(bf16_upcast.SWITCH.variable, "0")
     monkeypatch.setattr(bf16_upcast, "SWITCH", Switch(bf16_upcast.SWITCH.variable))  # as a process started so
     assert not bf16_upcast.upcast_pays(x, 64, 384 * 128)
+
+
+def test_attention_rule_upcasts_one_query_with_large_heads_or_many_keys(emulated):
+    one_query = torch.zeros(16, 1, 64, dtype=torch.bfloat16)  # [heads, queries, head_dim]
+    assert bf16_upcast.attention_upcast_pays(one_query, 16)
+    assert not bf16_upcast.attention_upcast_pays(torch.zeros(16, 2, 64, dtype=torch.bfloat16), 16)  # a prefill chunk
+    small_heads = torch.zeros(4, 1, 32, dtype=torch.bfloat16)
+    assert not bf16_upcast.attention_upcast_pays(small_heads, 1023)
+    assert bf16_upcast.attention_upcast_pays(small_heads, 1024)
+    assert not bf16_upcast.attention_upcast_pays(one_query.float(), 16)
+    with bf16_upcast.SWITCH.turned_off():
+        assert not bf16_upcast.attention_upcast_pays(one_query, 16)
+
+
+def test_attention_rule_never_upcasts_where_bf16_is_native(monkeypatch):
+    monkeypatch.setattr(bf16_upcast, "bf16_matmul_is_emulated", lambda: False)
+    assert not bf16_upcast.attention_upcast_pays(torch.zeros(16, 1, 64, dtype=torch.bfloat16), 4096)
 
 
 def within_bf16_rounding(out: torch.Tensor, reference: torch.Tensor) -> bool:
@@ -93,3 +113,20 @@ def test_bench_prefill_times_both_settings_at_every_prompt_length(tmp_path, caps
     x = torch.zeros(1, 8, dtype=torch.bfloat16)
     assert bf16_upcast.upcast_pays(x, 64, 64) == bf16_upcast.bf16_matmul_is_emulated()  # the assumption ended with the run
     assert "speedup" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("keys", [5, 300])
+def test_upcast_decode_attention_gives_the_bf16_answer(emulated, keys):
+    """One query over bf16 keys and values: attended in fp32 and rounded once, it is the exact answer in bf16."""
+    generator = torch.Generator().manual_seed(keys)
+    spec = SimpleNamespace(sliding_window=None)  # all that attending one query reads of the spec
+    q = torch.randn(8, 1, 64, generator=generator).bfloat16()
+    k, v = (torch.randn(2, keys, 64, generator=generator).bfloat16() for _ in range(2))
+    assert bf16_upcast.attention_upcast_pays(q, keys)
+    out = _attend(spec, q, k, v, start=keys - 1)
+    scores = torch.einsum("gqd,gkd->gqk", q.double().view(2, 4, 64), k.double()) / 8.0
+    reference = torch.einsum("gqk,gkd->gqd", scores.softmax(-1), v.double()).reshape(8, 1, 64)
+    assert out.dtype == torch.bfloat16
+    assert within_bf16_rounding(out, reference)
+    with bf16_upcast.SWITCH.turned_off():  # torch's bf16 attention: the same answer within its own roundings
+        assert torch.allclose(_attend(spec, q, k, v, start=keys - 1).float(), out.float(), rtol=2 ** -6, atol=2e-2)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moeplex.model.bf16_upcast import attention_upcast_pays
 from moeplex.model.kv_cache import SequenceKVCache
 from moeplex.model.ops import linear, rms_norm
 from moeplex.model.rope import apply_rotary
@@ -37,8 +38,8 @@ def attention(
     layer: int,
     x: torch.Tensor,  # [T, H], normalized
     weights: AttentionWeights,
-    cos: torch.Tensor,  # [T, D]
-    sin: torch.Tensor,  # [T, D]
+    cos: torch.Tensor,  # [T, 1, D]
+    sin: torch.Tensor,  # [T, 1, D], signed (`moeplex.model.rope.RotaryEmbedding.cos_sin`)
     chunks: list[SequenceChunk],
 ) -> torch.Tensor:
     """Self-attention output [T, H]; writes this step's keys/values into each sequence's cache."""
@@ -66,9 +67,18 @@ def attention(
 
 
 def _attend(spec: ModelSpec, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
-    """q [Hq, n, D] at positions start.., keys/values [Hkv, start+n, D] -> [Hq, n, D]."""
+    """q [Hq, n, D] at positions start.., keys/values [Hkv, start+n, D] -> [Hq, n, D].
+
+    In fp32 where that is the faster way on this CPU (`moeplex.model.bf16_upcast.attention_upcast_pays`).
+    """
     n, total = q.shape[1], keys.shape[1]
     mask = _causal_mask(n, total, start, spec.sliding_window, q.device)
+    if attention_upcast_pays(q, total):
+        return _sdpa(q.float(), keys.float(), values.float(), mask).to(q.dtype)
+    return _sdpa(q, keys, values, mask)
+
+
+def _sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return F.scaled_dot_product_attention(
         q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, enable_gqa=True
     ).squeeze(0)

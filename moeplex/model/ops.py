@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from moeplex.model.bf16_upcast import upcast_pays
-from moeplex.model import native_gemv
+from moeplex.model import native_gemv, native_norm
 from moeplex.model.grouped import GroupedWeight, grouped_linear, mv_pays, native_gemv_pays
 
 
@@ -34,7 +34,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor | GroupedWeight, bias: torch.Te
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32, cast back, then scaled (the order transformers uses); weight may hold one row per token."""
+    """RMSNorm computed in fp32, cast back, then scaled (the order transformers uses); weight may hold one row per token.
+
+    A decode step's few bf16 rows on the CPU take moeplex's native RMSNorm, one call (`moeplex.model.native_norm`).
+    """
+    if native_norm.fits(x, weight) and native_norm.available():
+        return native_norm.rms_norm(x, weight, eps)
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)

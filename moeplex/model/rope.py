@@ -11,32 +11,36 @@ from moeplex.model.spec import ModelSpec
 
 
 class RotaryEmbedding:
-    """Precomputed cos/sin tables indexed by absolute position."""
+    """Precomputed cos/sin tables indexed by absolute position; sin with its first half negated (`apply_rotary`)."""
 
     def __init__(self, spec: ModelSpec, device: torch.device | str = "cpu"):
         self.inv_freq, self.attention_scaling = inverse_frequencies(spec)
         self.inv_freq = self.inv_freq.to(device)
-        self._cos = self._sin = torch.empty(0, spec.head_dim, device=device)
+        self._cos = self._signed_sin = torch.empty(0, spec.head_dim, device=device)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [T, head_dim] for the given positions [T]."""
+        """cos and signed sin of shape [T, 1, head_dim] for the given positions [T] (one row per token, broadcast over heads)."""
         needed = int(positions.max()) + 1
         if needed > self._cos.shape[0]:
             self._grow(max(needed, 2 * self._cos.shape[0], 256))
-        return self._cos[positions].to(dtype), self._sin[positions].to(dtype)
+        return self._cos[positions, None].to(dtype), self._signed_sin[positions, None].to(dtype)
 
     def _grow(self, length: int) -> None:
         pos = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
         freqs = pos[:, None] * self.inv_freq[None, :]  # [L, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)  # [L, D]
-        self._cos, self._sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        half = sin.shape[-1] // 2
+        self._cos, self._signed_sin = emb.cos() * self.attention_scaling, torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D] rotated by cos/sin [T, D] (rotate-half convention)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] rotated by cos / signed sin [T, 1, D] (`RotaryEmbedding.cos_sin`; rotate-half convention).
+
+    rotate_half(x) * sin = cat(-x2, x1) * sin equals x rolled by half (cat(x2, x1)) times sin with its first half
+    negated, bit for bit (negation is exact): three fewer torch calls per use than the rotate-half form.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 def inverse_frequencies(spec: ModelSpec) -> tuple[torch.Tensor, float]:
