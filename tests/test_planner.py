@@ -69,6 +69,22 @@ def test_frontier_over_kl_ranks_by_kl_and_rejects_unknown_qualities():
         pareto_frontier(points, "loss")
 
 
+def test_a_frontier_result_round_trips_through_json_into_a_plot_over_kl(tmp_path):
+    import json
+
+    from moeplex.quant.bench_store import plot_frontier_result
+
+    points = [Measurement(Configuration(i, 0, 10 - i), 100.0 + 10 * i, 11.0, 1000 - i, 0.5 + i / 20, kl=0.01 * i) for i in range(6)]
+    result = json.loads(json.dumps({
+        "points": [p.to_json() for p in points],
+        "frontier_kl": [p.to_json() for p in pareto_frontier(points, "kl")],
+        "frontier_kl_tokens_per_s_span": 1.5,
+    }))
+    assert [Measurement.from_json(p) for p in result["points"]] == points
+    path = plot_frontier_result(result, tmp_path / "plots" / "frontier.png", "test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+
+
 def test_frontier_ties():
     first, duplicate = point(100.0, 11.0, int4=1), point(100.0, 11.0, int4=2)
     same_speed_worse = point(100.0, 11.5, int4=3)

@@ -33,7 +33,7 @@ def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     on the CPU, no more than MAX_ELEMENTS of x."""
     if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu" or weight.device.type != "cpu":
         return False
-    if x.dim() < 2 or x.numel() > MAX_ELEMENTS or not x.is_contiguous() or not weight.is_contiguous():
+    if x.dim() < 2 or x.shape[-1] == 0 or x.numel() > MAX_ELEMENTS or not x.is_contiguous() or not weight.is_contiguous():
         return False
     return weight.shape == x.shape[-1:] or (x.dim() == 2 and weight.shape == x.shape)
 

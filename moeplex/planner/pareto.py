@@ -30,6 +30,11 @@ class Measurement:
             "config": self.config.to_json(),
         }
 
+    @staticmethod
+    def from_json(data: dict) -> Measurement:
+        return Measurement(Configuration.from_json(data["config"]), data["tokens_per_s"], data["ppl"], data["resident_bytes"],
+                           data["resident_fraction"], data["kl"])
+
 
 QUALITIES = ("ppl", "kl")  # lower is better for both
 

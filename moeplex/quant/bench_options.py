@@ -44,6 +44,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                              "(its decode is bound by per-step overhead); bench, the bench family's base alone (untrained, so score "
                              "it by KL; its decode is bound by expert bytes, as real models' is) (default: tiny)")
     parser.add_argument("--frontier-steps", type=int, default=FRONTIER_STEPS, help=f"int4 / int8 counts at multiples of 1/STEPS of the experts (default: {FRONTIER_STEPS})")
+    parser.add_argument("--plot", type=Path, help="write the frontier part's configurations and its frontier over KL from all bf16 as a PNG here")
     parser.add_argument("--device-memory", default=FRONTIER_DEVICE_MEMORY,
                         help="the fixed device budget of the frontier (backbones + resident experts; experts beyond it are "
                              f"offloaded): 30MB, or 0.35x of the store all resident in bf16 (default: {FRONTIER_DEVICE_MEMORY})")
@@ -104,6 +105,7 @@ def _run_store_parts(args: argparse.Namespace) -> dict:
         format_frontier,
         format_selection,
         measure_frontier,
+        plot_frontier_result,
     )
 
     store = store_parts_store(args)
@@ -117,4 +119,6 @@ def _run_store_parts(args: argparse.Namespace) -> dict:
     if "frontier" in args.parts:
         result.update(measure_frontier(profiler, args.frontier_steps))
         print(format_frontier(result))
+        if args.plot is not None:
+            print(f"wrote {plot_frontier_result(result, args.plot, f'moeplex bench quant, {store.name}')}")
     return result

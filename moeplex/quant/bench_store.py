@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
 from moeplex.planner.configurations import Configuration, configuration_grid
-from moeplex.planner.pareto import pareto_frontier
+from moeplex.planner.pareto import Measurement, pareto_frontier
+from moeplex.planner.plot import plot_frontier
 from moeplex.planner.profile import Profiler
 from moeplex.quant.policies import LeastErrorFirst, LeastRoutedFirst, RandomSelection
 
@@ -76,6 +78,14 @@ def measure_frontier(profiler: Profiler, steps: int) -> dict:
         "frontier_kl_tokens_per_s_span": _span(frontier_kl),
         "all_points_tokens_per_s_span": _span(points),
     }
+
+
+def plot_frontier_result(frontier: dict, path: Path, title: str) -> Path:
+    """The frontier part's result (`measure_frontier`, or its JSON) as a PNG: every configuration and the frontier
+    over KL from all bf16, the quality both demo families rank by (the bench family is untrained)."""
+    points = [Measurement.from_json(point) for point in frontier["points"]]
+    span = frontier["frontier_kl_tokens_per_s_span"]
+    return plot_frontier(points, None, path, f"{title}: frontier over KL, {len(frontier['frontier_kl'])} points, {span:.2f}x", quality="kl")
 
 
 def _span(points) -> float:

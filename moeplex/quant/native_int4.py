@@ -105,7 +105,7 @@ def swiglu_mixture(x: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tens
     library = _library()
     if library is None:
         raise NativeKernelError("the native int4 kernel is not available on this machine")
-    if not experts or len(experts) != len(weights) or x.dtype != torch.bfloat16 or tuple(x.shape[:1]) != (1,):
+    if not experts or len(experts) != len(weights) or x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[0] != 1:
         raise NativeKernelError(f"the native expert mixture takes one bf16 token and a weight per expert, not x {x.dtype} "
                                 f"{tuple(x.shape)} with {len(experts)} experts and {len(weights)} weights")
     hidden, inter = experts[0][2].shape[0], experts[0][0].shape[0] // 2

@@ -6,7 +6,7 @@
    (weight_stride = hidden). The order of operations and roundings is transformers' (and moeplex.model.ops.rms_norm's):
    the variance in float32, the normalized row rounded to bf16, then scaled by the weight in float32 and rounded
    again. Only the order of the sum of squares differs from torch's (16 running partial sums), which can move the
-   variance by a float32 rounding. Plain C: the compiler vectorizes it for any x86-64 or other CPU. */
+   variance by a float32 rounding. Plain C, no intrinsics: the compiler vectorizes what it can. */
 
 #include <math.h>
 #include <stdint.h>

@@ -13,9 +13,11 @@
    once to 16-bit lanes (low nibbles = channels 0..15, high = 16..31: one zero-extension, one mask, one
    shift) and multiplied into up to four activation rows with integer multiply-adds that are exact in
    32 bits over a group. Per group, sum_k W x = scale * x_scale * sum_k q x16 + (zero - 8 scale) *
-   sum_k x, accumulated in float vectors (one horizontal sum per output). Seven vector instructions per 32 weights and row, no float conversion in the inner loop.
-   Rows of W are split across OpenMP threads (the same libgomp that torch uses, by soname). Where the CPU has
-   AVX512-BW, VL and VNNI and groups are a multiple of 64 channels, the AVX-512 path below runs instead. */
+   sum_k x, accumulated in float vectors (one horizontal sum per output): seven vector instructions per 32 weights
+   and row, no float conversion in the inner loop. Four weight rows run side by side at one activation row (two at
+   two), so each activation block is loaded once for them. Blocks of four rows of W are split across OpenMP
+   threads (the same libgomp that torch uses, by soname). Where the CPU has AVX512-BW, VL and VNNI and groups are
+   a multiple of 64 channels, the AVX-512 path below runs instead. */
 
 #include <immintrin.h>
 #include <math.h>
