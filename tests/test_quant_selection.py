@@ -8,6 +8,8 @@ from types import SimpleNamespace
 from moeplex.planner.configurations import Configuration
 from moeplex.quant.bench_store import RANDOM_SEEDS, compare_selections, format_selection
 
+BYTES_PER_EXPERT = {"int4": 1, "int8": 2, "bf16": 4}
+
 
 class CostMeter:
     """Perplexity = base + the cost of every int4 expert; KL = a tenth of that cost."""
@@ -31,7 +33,7 @@ def fake_profiler(num_experts: int, seed: int):
     errors = {e: {"int4": c * rng.uniform(0.95, 1.05), "int8": c / 4} for e, c in costs.items()}
     calibration = SimpleNamespace(errors=errors, frequency={e: 1.0 for e in costs})
     return SimpleNamespace(meter=meter, calibration=calibration, num_experts=num_experts,
-                           expert_bytes=lambda config: config.expert_bytes({"int4": 1, "int8": 2, "bf16": 4})), costs
+                           expert_bytes=lambda config: config.expert_bytes(BYTES_PER_EXPERT)), costs
 
 
 def test_least_error_first_beats_the_mean_of_random_draws_and_the_sem_is_theirs():
@@ -39,7 +41,7 @@ def test_least_error_first_beats_the_mean_of_random_draws_and_the_sem_is_theirs(
     result = compare_selections(profiler, heldout={})
     assert result["random_seeds"] == list(RANDOM_SEEDS) and len(RANDOM_SEEDS) >= 8
     assert result["memory_points"] == [Configuration(round(16 * f), 0, 16 - round(16 * f)).expert_bytes(
-        {"int4": 1, "int8": 2, "bf16": 4}) / 64 for f in result["int4_fraction"]]
+        BYTES_PER_EXPERT) / (16 * BYTES_PER_EXPERT["bf16"]) for f in result["int4_fraction"]]
     for i, fraction in enumerate(result["int4_fraction"]):
         int4 = round(16 * fraction)
         cheapest = sum(sorted(costs.values())[:int4])

@@ -59,9 +59,10 @@ def compare_selections(profiler: Profiler, heldout: Mapping[str, torch.Tensor], 
         config = Configuration(int4, 0, n - int4)
         result["memory_points"].append(profiler.expert_bytes(config) / bf16_expert_bytes)
         per_seed = [heldout_quality(RandomSelection(seed), config) for seed in seeds]
-        result["random_per_seed"].append([ppl for ppl, _ in per_seed])
-        result["random_sem"].append(_standard_error([ppl for ppl, _ in per_seed]))
-        result[RandomSelection.name].append(statistics.mean(ppl for ppl, _ in per_seed))
+        random_ppls = [ppl for ppl, _ in per_seed]
+        result["random_per_seed"].append(random_ppls)
+        result["random_sem"].append(_standard_error(random_ppls))
+        result[RandomSelection.name].append(statistics.mean(random_ppls))
         result["kl"][RandomSelection.name].append(statistics.mean(kl for _, kl in per_seed))
         for name, policy in policies.items():
             ppl, kl = heldout_quality(policy, config)
