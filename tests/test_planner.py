@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -193,8 +194,9 @@ def greedy_tokens(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     return [output.token_ids for output in llm.generate(prompts, variant="python", sampling=params)]
 
 
-def test_bank_calibration_pools_every_variant_per_expert_id(store):
-    meter = StoreMeter(store, FAST)
+@pytest.mark.parametrize("selection_error", ["model", "expert"])
+def test_bank_calibration_pools_every_variant_per_expert_id(store, selection_error):
+    meter = StoreMeter(store, dataclasses.replace(FAST, selection_error=selection_error))
     calibration = meter.calibrate(meter.calibration_token_ids())
     assert set(calibration.frequency) == set(calibration.errors) == set(meter.expert_ids)
     sparse_layers = sum(next(iter(meter.models.values())).spec.sparse_layers)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +39,12 @@ from moeplex.model.runtime import MoEModel
 from moeplex.model.sampling import SamplingParams
 from moeplex.offload.config import OffloadConfig
 from moeplex.offload.loading import offload_variant_models
+from moeplex.planner.model_error import model_output_errors
 from moeplex.quant.apply import quantize_bank_experts
 from moeplex.quant.bank_calibration import BankCalibration, calibrate_bank
 from moeplex.quant.formats import DEFAULT_GROUP_SIZE, PRECISIONS, UNQUANTIZED
 from moeplex.quant.kernels import int4_kernel_name
+from moeplex.quant.policies import SELECTION_ERRORS
 from moeplex.quant.sizes import expert_nbytes
 from moeplex.store.layout import MANIFEST, TOKENIZER
 from moeplex.store.reader import StoreReader
@@ -57,9 +59,16 @@ class MeterSettings:
     repeats: int = 5  # timed rounds: each measures every configuration once, in turn
     calibration_tokens_per_domain: int = 512  # training-split text: output errors and routing frequencies
     heldout_tokens_per_domain: int = 1024  # held-out text: perplexity
+    # least-error-first's error: "model", the KL at the model's output with one expert id quantized (a forward
+    # pass per id and precision); "expert", the quantized expert's own relative output error (seconds)
+    selection_error: str = "model"
     group_size: int = DEFAULT_GROUP_SIZE
     threads: int = 1
     seed: int = 0
+
+    def __post_init__(self):
+        if self.selection_error not in SELECTION_ERRORS:
+            raise ValueError(f"selection_error must be one of {', '.join(SELECTION_ERRORS)}, not {self.selection_error!r}")
 
 
 class StoreMeter:
@@ -115,8 +124,12 @@ class StoreMeter:
         return {variant: by_domain.get(own.get(variant), every_domain) for variant in self.models}
 
     def calibrate(self, token_ids: torch.Tensor) -> BankCalibration:
+        """Routing frequency and int4/int8 error per expert id on calibration tokens (the error as `selection_error` says)."""
         self.use({})
-        return calibrate_bank(self.models, self.tables, self.bank, token_ids, self.settings.group_size, progress=True)
+        calibration = calibrate_bank(self.models, self.tables, self.bank, token_ids, self.settings.group_size, progress=True)
+        if self.settings.selection_error == "expert":
+            return calibration
+        return BankCalibration(calibration.frequency, model_output_errors(self, token_ids, calibration.frequency))
 
     def use(self, precision_of_id: Mapping[str, str], expert_budget: int | None = None) -> None:
         """Quantize the bank as precision_of_id says; with expert_budget (bytes), time offloaded experts in those precisions."""
@@ -145,9 +158,14 @@ class StoreMeter:
 
         Experts resident, in the precisions of `use`; texts as `heldout_texts` gives them.
         """
-        reference = self._reference_log_probs(texts)
-        scores = [windowed_ppl_and_kl(runtime_logits(m), texts[v], reference[v]) for v, m in self.models.items()]
+        scores = list(self.quality_by_variant(texts).values())
         return sum(ppl for ppl, _ in scores) / len(scores), sum(kl for _, kl in scores) / len(scores)
+
+    def quality_by_variant(self, texts: Mapping[str, torch.Tensor], variants: Iterable[str] | None = None) -> dict[str, tuple[float, float]]:
+        """Variant (every one, or those named) -> (perplexity, KL from its all-bf16 model per token) on texts[variant]."""
+        reference = self._reference_log_probs(texts)
+        names = self.models if variants is None else variants
+        return {v: windowed_ppl_and_kl(runtime_logits(self.models[v]), texts[v], reference[v]) for v in names}
 
     def _reference_log_probs(self, texts: Mapping[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
         """Each variant's all-bf16 log-probabilities on its text, computed once per texts mapping (float32, [tokens, V])."""

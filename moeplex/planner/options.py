@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from moeplex.quant.formats import DEFAULT_GROUP_SIZE, GROUP_SIZES
+from moeplex.quant.policies import SELECTION_ERRORS
 
 
 def ppl_increase(text: str) -> float:
@@ -32,6 +33,8 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=4, help="int4 and int8 counts at multiples of 1/STEPS of the experts (default: 4)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the measurements (default: 1)")
     parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_GROUP_SIZE, help=f"int4 group size (default: {DEFAULT_GROUP_SIZE})")
+    parser.add_argument("--selection-error", choices=SELECTION_ERRORS, default="model",
+                        help="what least-error-first ranks by: model, the KL at the model's output with each expert alone quantized (one pass over the calibration text per expert and precision); expert, each quantized expert's own output error (seconds, blind to how much the expert matters downstream) (default: model)")
     parser.add_argument("--json", type=Path, help="write the measured points, frontier and choice as JSON here")
 
 
@@ -45,7 +48,7 @@ def run_from_options(args: argparse.Namespace) -> int:
 
     constraints = Constraints(args.min_tokens_per_second, args.max_ppl_increase)
     result = run_plan(args.store, args.device_memory, constraints, args.plot, args.steps,
-                      MeterSettings(threads=args.threads, group_size=args.group_size), args.resident_only)
+                      MeterSettings(threads=args.threads, group_size=args.group_size, selection_error=args.selection_error), args.resident_only)
     print(format_plan(result))
     if args.json is not None:
         summary = {

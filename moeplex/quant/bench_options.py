@@ -8,6 +8,7 @@ from pathlib import Path
 
 from moeplex.bench.options import add_json_option, add_threads_option
 from moeplex.quant.formats import DEFAULT_GROUP_SIZE, GROUP_SIZES
+from moeplex.quant.policies import SELECTION_ERRORS
 from moeplex.results import write_json
 
 
@@ -24,6 +25,9 @@ class QuantBenchSettings:
 PARTS = ("speed", "kernels", "selection", "frontier")
 STORE_FAMILIES = ("tiny", "bench")
 FRONTIER_STEPS = 8  # int4 / int8 counts at eighths of the experts: 45 configurations
+# All held-out text of the prose and licenses domains (7-9k tokens each), a third of Python's, a quarter of C++'s: at 1024
+# the policies' perplexities differed by less than the held-out text's own noise (docs/benchmarks.md)
+HELDOUT_TOKENS_PER_DOMAIN = 32768
 FRONTIER_DEVICE_MEMORY = "0.35x"  # of the store all resident in bf16: every backbone, ~1/6 of the bf16 experts
 
 
@@ -45,6 +49,11 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                              "it by KL; its decode is bound by expert bytes, as real models' is) (default: tiny)")
     parser.add_argument("--frontier-steps", type=int, default=FRONTIER_STEPS, help=f"int4 / int8 counts at multiples of 1/STEPS of the experts (default: {FRONTIER_STEPS})")
     parser.add_argument("--plot", type=Path, help="write the frontier part's configurations and its frontier over KL from all bf16 as a PNG here")
+    parser.add_argument("--selection-error", choices=SELECTION_ERRORS, default="model",
+                        help="what least-error-first ranks by: model, the KL at the model's output with each expert alone quantized (one pass over the calibration text per expert and precision); expert, each quantized expert's own output error (seconds, blind to how much the expert matters downstream) (default: model)")
+    parser.add_argument("--heldout-tokens", type=int, default=HELDOUT_TOKENS_PER_DOMAIN,
+                        help="held-out tokens per demo domain that selection and frontier score perplexity and KL on (a domain "
+                             f"with less gives all it has; default: {HELDOUT_TOKENS_PER_DOMAIN})")
     parser.add_argument("--device-memory", default=FRONTIER_DEVICE_MEMORY,
                         help="the fixed device budget of the frontier (backbones + resident experts; experts beyond it are "
                              f"offloaded): 30MB, or 0.35x of the store all resident in bf16 (default: {FRONTIER_DEVICE_MEMORY})")
@@ -109,7 +118,8 @@ def _run_store_parts(args: argparse.Namespace) -> dict:
     )
 
     store = store_parts_store(args)
-    meter = StoreMeter(store, MeterSettings(threads=args.threads, group_size=args.group_size))
+    meter = StoreMeter(store, MeterSettings(threads=args.threads, group_size=args.group_size, selection_error=args.selection_error,
+                                        heldout_tokens_per_domain=args.heldout_tokens))
     device_bytes, expert_budget = device_budgets(meter, args.device_memory)
     profiler = Profiler(meter, expert_budget=expert_budget)  # the selection part scores quality only: budget unused there
     result = {"store": str(store), "device_memory_bytes": device_bytes, "expert_budget_bytes": expert_budget}
