@@ -2,8 +2,8 @@
 
 The expert-local error (`moeplex.quant.output_error`: ||E_q(x) - E(x)|| / ||E(x)|| on the inputs that reached
 the expert) does not see how large the expert's output is beside the residual stream, its gate weights or
-how later layers carry the change; on the tiny family, ranking by it times routing frequency left KL at 75%
-int4 within 16% of a random choice (docs/benchmarks.md). Here each id is quantized on its own and every
+how later layers carry the change; on the tiny family, ranking by it times routing frequency left the KL at
+75% int4 only 12-20% below a random choice's (docs/benchmarks.md). Here each id is quantized on its own and every
 variant that uses it scores the calibration text against its own all-bf16 predictions: one forward pass
 over the calibration text per id, precision and variant that uses the id.
 """

@@ -20,6 +20,14 @@ def ppl_increase(text: str) -> float:
     return value
 
 
+def add_selection_error_option(parser: argparse.ArgumentParser) -> None:
+    """--selection-error, for every command that ranks experts by least-error-first."""
+    parser.add_argument("--selection-error", choices=SELECTION_ERRORS, default="model",
+                        help="what least-error-first ranks by: model, the KL at the model's output with each expert alone "
+                             "quantized (one pass over the calibration text per expert and precision); expert, each quantized "
+                             "expert's own output error (seconds, blind to how much the expert matters downstream) (default: model)")
+
+
 def add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", type=Path, help="store folder (the plan is written into it as placement.json)")
     parser.add_argument("--device-memory", required=True,
@@ -33,8 +41,7 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=4, help="int4 and int8 counts at multiples of 1/STEPS of the experts (default: 4)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the measurements (default: 1)")
     parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_GROUP_SIZE, help=f"int4 group size (default: {DEFAULT_GROUP_SIZE})")
-    parser.add_argument("--selection-error", choices=SELECTION_ERRORS, default="model",
-                        help="what least-error-first ranks by: model, the KL at the model's output with each expert alone quantized (one pass over the calibration text per expert and precision); expert, each quantized expert's own output error (seconds, blind to how much the expert matters downstream) (default: model)")
+    add_selection_error_option(parser)
     parser.add_argument("--json", type=Path, help="write the measured points, frontier and choice as JSON here")
 
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moeplex.bench.options import add_json_option, add_threads_option
+from moeplex.planner.options import add_selection_error_option
 from moeplex.quant.formats import DEFAULT_GROUP_SIZE, GROUP_SIZES
-from moeplex.quant.policies import SELECTION_ERRORS
 from moeplex.results import write_json
 
 
@@ -49,8 +49,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                              "it by KL; its decode is bound by expert bytes, as real models' is) (default: tiny)")
     parser.add_argument("--frontier-steps", type=int, default=FRONTIER_STEPS, help=f"int4 / int8 counts at multiples of 1/STEPS of the experts (default: {FRONTIER_STEPS})")
     parser.add_argument("--plot", type=Path, help="write the frontier part's configurations and its frontier over KL from all bf16 as a PNG here")
-    parser.add_argument("--selection-error", choices=SELECTION_ERRORS, default="model",
-                        help="what least-error-first ranks by: model, the KL at the model's output with each expert alone quantized (one pass over the calibration text per expert and precision); expert, each quantized expert's own output error (seconds, blind to how much the expert matters downstream) (default: model)")
+    add_selection_error_option(parser)
     parser.add_argument("--heldout-tokens", type=int, default=HELDOUT_TOKENS_PER_DOMAIN,
                         help="held-out tokens per demo domain that selection and frontier score perplexity and KL on (a domain "
                              f"with less gives all it has; default: {HELDOUT_TOKENS_PER_DOMAIN})")
