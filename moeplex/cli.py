@@ -249,10 +249,10 @@ def _add_plan(commands) -> None:
     plan = commands.add_parser(
         "plan",
         help="choose each expert's precision (int4 / int8 / bf16) for a device budget and constraints",
-        description="Measure decode tokens/s and calibration perplexity of the store's expert-precision configurations "
-        "that fit the device memory (experts chosen least-error-first; measurements cached in the store), draw the "
-        "Pareto frontier, choose the configuration meeting the constraints and write it to STORE/placement.json, "
-        "which the engine loads.",
+        description="Measure decode tokens/s and held-out perplexity of the store's expert-precision configurations "
+        "under the device memory (experts beyond it offloaded, unless --resident-only; which experts get lower precision "
+        "is least-error-first, by calibration text; measurements cached in the store), draw the Pareto frontier, choose "
+        "the configuration meeting the constraints and write it to STORE/placement.json, which the engine loads.",
     )
     add_plan_options(plan)
     plan.set_defaults(handler=_plan)
