@@ -25,9 +25,11 @@ class QuantBenchSettings:
 PARTS = ("speed", "kernels", "selection", "frontier")
 STORE_FAMILIES = ("tiny", "bench")
 FRONTIER_STEPS = 8  # int4 / int8 counts at eighths of the experts: 45 configurations
-# All held-out text of the prose and licenses domains (7-9k tokens each), a third of Python's, a quarter of C++'s: at 1024
-# the policies' perplexities differed by less than the held-out text's own noise (docs/benchmarks.md)
-HELDOUT_TOKENS_PER_DOMAIN = 32768
+# Held-out tokens per domain on the tiny family's store: all of the prose and licenses domains' (7-9k each), a third
+# of Python's, a quarter of C++'s; at 1024 the policies' perplexities differed by less than that text's own noise
+# (docs/benchmarks.md). Other stores keep the planner's 1024: the bench family is untrained (scored by KL), and
+# 32768 there costs 160 s per configuration on 2 cores.
+TINY_HELDOUT_TOKENS_PER_DOMAIN = 32768
 FRONTIER_DEVICE_MEMORY = "0.35x"  # of the store all resident in bf16: every backbone, ~1/6 of the bf16 experts
 
 
@@ -50,9 +52,10 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frontier-steps", type=int, default=FRONTIER_STEPS, help=f"int4 / int8 counts at multiples of 1/STEPS of the experts (default: {FRONTIER_STEPS})")
     parser.add_argument("--plot", type=Path, help="write the frontier part's configurations and its frontier over KL from all bf16 as a PNG here")
     add_selection_error_option(parser)
-    parser.add_argument("--heldout-tokens", type=int, default=HELDOUT_TOKENS_PER_DOMAIN,
+    parser.add_argument("--heldout-tokens", type=int,
                         help="held-out tokens per demo domain that selection and frontier score perplexity and KL on (a domain "
-                             f"with less gives all it has; default: {HELDOUT_TOKENS_PER_DOMAIN})")
+                             f"with less gives all it has; default: {TINY_HELDOUT_TOKENS_PER_DOMAIN} on the tiny family's "
+                             "store, else the planner's 1024)")
     parser.add_argument("--device-memory", default=FRONTIER_DEVICE_MEMORY,
                         help="the fixed device budget of the frontier (backbones + resident experts; experts beyond it are "
                              f"offloaded): 30MB, or 0.35x of the store all resident in bf16 (default: {FRONTIER_DEVICE_MEMORY})")
@@ -104,7 +107,16 @@ def store_parts_store(args: argparse.Namespace) -> Path:
     return bench_base_store() if args.family == "bench" else identity_store()
 
 
+def heldout_tokens_per_domain(args: argparse.Namespace) -> int | None:
+    """--heldout-tokens, else the tiny family's default on its demo store, else None (the planner's default)."""
+    if args.heldout_tokens is not None:
+        return args.heldout_tokens
+    return TINY_HELDOUT_TOKENS_PER_DOMAIN if args.store is None and args.family == "tiny" else None
+
+
 def _run_store_parts(args: argparse.Namespace) -> dict:
+    import dataclasses
+
     from moeplex.planner.command import device_budgets
     from moeplex.planner.meter import MeterSettings, StoreMeter
     from moeplex.planner.profile import Profiler
@@ -117,8 +129,9 @@ def _run_store_parts(args: argparse.Namespace) -> dict:
     )
 
     store = store_parts_store(args)
-    meter = StoreMeter(store, MeterSettings(threads=args.threads, group_size=args.group_size, selection_error=args.selection_error,
-                                        heldout_tokens_per_domain=args.heldout_tokens))
+    heldout = heldout_tokens_per_domain(args)
+    settings = MeterSettings(threads=args.threads, group_size=args.group_size, selection_error=args.selection_error)
+    meter = StoreMeter(store, settings if heldout is None else dataclasses.replace(settings, heldout_tokens_per_domain=heldout))
     device_bytes, expert_budget = device_budgets(meter, args.device_memory)
     profiler = Profiler(meter, expert_budget=expert_budget)  # the selection part scores quality only: budget unused there
     result = {"store": str(store), "device_memory_bytes": device_bytes, "expert_budget_bytes": expert_budget}
