@@ -44,7 +44,7 @@ from moeplex.quant.apply import quantize_bank_experts
 from moeplex.quant.bank_calibration import BankCalibration, calibrate_bank
 from moeplex.quant.formats import DEFAULT_GROUP_SIZE, PRECISIONS, UNQUANTIZED
 from moeplex.quant.kernels import int4_kernel_name
-from moeplex.quant.policies import SELECTION_ERRORS
+from moeplex.quant.policies import DEFAULT_SELECTION_ERROR, SELECTION_ERRORS
 from moeplex.quant.sizes import expert_nbytes
 from moeplex.store.layout import MANIFEST, TOKENIZER
 from moeplex.store.reader import StoreReader
@@ -61,7 +61,7 @@ class MeterSettings:
     heldout_tokens_per_domain: int = 1024  # held-out text: perplexity
     # least-error-first's error: "model", the KL at the model's output with one expert id quantized (a forward
     # pass per id and precision); "expert", the quantized expert's own relative output error (seconds)
-    selection_error: str = "model"
+    selection_error: str = DEFAULT_SELECTION_ERROR
     group_size: int = DEFAULT_GROUP_SIZE
     threads: int = 1
     seed: int = 0
@@ -126,8 +126,10 @@ class StoreMeter:
     def calibrate(self, token_ids: torch.Tensor) -> BankCalibration:
         """Routing frequency and int4/int8 error per expert id on calibration tokens (the error as `selection_error` says)."""
         self.use({})
-        calibration = calibrate_bank(self.models, self.tables, self.bank, token_ids, self.settings.group_size, progress=True)
-        if self.settings.selection_error == "expert":
+        at_expert = self.settings.selection_error == "expert"
+        calibration = calibrate_bank(self.models, self.tables, self.bank, token_ids, self.settings.group_size,
+                                     progress=True, expert_errors=at_expert)
+        if at_expert:
             return calibration
         return BankCalibration(calibration.frequency, model_output_errors(self, token_ids, calibration.frequency))
 

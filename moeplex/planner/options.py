@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from moeplex.quant.formats import DEFAULT_GROUP_SIZE, GROUP_SIZES
-from moeplex.quant.policies import SELECTION_ERRORS
+from moeplex.quant.policies import DEFAULT_SELECTION_ERROR, SELECTION_ERRORS
 
 
 def ppl_increase(text: str) -> float:
@@ -22,10 +22,10 @@ def ppl_increase(text: str) -> float:
 
 def add_selection_error_option(parser: argparse.ArgumentParser) -> None:
     """--selection-error, for every command that ranks experts by least-error-first."""
-    parser.add_argument("--selection-error", choices=SELECTION_ERRORS, default="model",
+    parser.add_argument("--selection-error", choices=SELECTION_ERRORS, default=DEFAULT_SELECTION_ERROR,
                         help="what least-error-first ranks by: model, the KL at the model's output with each expert alone "
                              "quantized (one pass over the calibration text per expert and precision); expert, each quantized "
-                             "expert's own output error (seconds, blind to how much the expert matters downstream) (default: model)")
+                             f"expert's own output error (seconds, blind to how much the expert matters downstream) (default: {DEFAULT_SELECTION_ERROR})")
 
 
 def add_plan_options(parser: argparse.ArgumentParser) -> None:

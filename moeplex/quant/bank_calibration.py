@@ -41,10 +41,12 @@ def calibrate_bank(
     group_size: int = DEFAULT_GROUP_SIZE,
     cap: int = 128,
     progress: bool = False,
+    expert_errors: bool = True,
 ) -> BankCalibration:
     """Record what reaches each expert of each variant on calibration tokens, then measure int4/int8 error per id.
 
-    The bank must still hold its dense experts; models are the variants' models over it.
+    The bank must still hold its dense experts; models are the variants' models over it. With expert_errors
+    False only the frequencies are measured (errors left empty), for a caller that measures errors its own way.
     """
     samples: dict[str, list[torch.Tensor]] = {expert_id: [] for expert_id in bank.row_of}
     frequency = dict.fromkeys(bank.row_of, 0.0)
@@ -54,6 +56,8 @@ def calibrate_bank(
             expert_id = tables[variant][layer][expert]
             samples[expert_id].append(x)
             frequency[expert_id] += recorded.frequency[(layer, expert)] / len(models)
+    if not expert_errors:
+        return BankCalibration(frequency, {})
     hidden = bank.compute.gate_up[BANK_LAYER].shape[-1]
     by_row = {
         (BANK_LAYER, row): torch.cat(samples[expert_id]) if samples[expert_id] else torch.empty(0, hidden)

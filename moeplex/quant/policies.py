@@ -15,6 +15,7 @@ from moeplex.quant.formats import QUANTIZED, UNQUANTIZED, Position
 # What least-error-first's measured error is: the KL at the model's output with the expert alone quantized
 # (moeplex.planner.model_error), or the quantized expert's own relative output error (moeplex.quant.output_error)
 SELECTION_ERRORS = ("model", "expert")
+DEFAULT_SELECTION_ERROR = "model"
 
 
 def check_counts(counts: Mapping[str, int], available: int) -> None:
