@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moeplex.model import native_attention
 from moeplex.model.bf16_upcast import attention_upcast_pays
 from moeplex.model.kv_cache import SequenceKVCache
 from moeplex.model.ops import linear, rms_norm
@@ -69,10 +70,13 @@ def attention(
 def _attend(spec: ModelSpec, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
     """q [Hq, n, D] at positions start.., keys/values [Hkv, start+n, D] -> [Hq, n, D].
 
-    In fp32 where that is the faster way on this CPU (`moeplex.model.bf16_upcast.attention_upcast_pays`).
+    One decode token that sees every key goes through moeplex's native kernel where it runs (`moeplex.model.native_attention`);
+    otherwise SDPA, in fp32 where that is the faster way on this CPU (`moeplex.model.bf16_upcast.attention_upcast_pays`).
     """
     n, total = q.shape[1], keys.shape[1]
     mask = _causal_mask(n, total, start, spec.sliding_window, q.device)
+    if mask is None and native_attention.fits(q, keys, values) and native_attention.available():
+        return native_attention.decode_attention(q, keys, values)
     if attention_upcast_pays(q, total):
         return _sdpa(q.float(), keys.float(), values.float(), mask).to(q.dtype)
     return _sdpa(q, keys, values, mask)

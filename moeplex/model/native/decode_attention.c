@@ -1,0 +1,98 @@
+/* moeplex's CPU attention for one query token of one sequence (a decode step), in one call instead of torch's SDPA.
+
+   out[h, :] = sum_j p[h, j] v[h / group, j, :], p[h, :] = softmax_j(scale * q[h, :] . k[h / group, j, :])
+
+   q [heads, D] and out [heads, D] bf16 bits, rows contiguous; keys and values [kv_heads, L, D] bf16 bits with
+   rows of D contiguous and kv_head_stride elements from one kv head to the next (a layer of the KV cache,
+   whose capacity exceeds L). group = heads / kv_heads query heads share a kv head (grouped-query attention).
+   Every key is attended to (no mask). Computed in float32 from the exact widened bf16 values: the scores,
+   their maximum, exp(score - max) divided by their sum, the sum of values weighted by those, rounded once to bf16.
+   D a multiple of 8.
+
+   Why: at batch 1 torch's SDPA (flash attention for the CPU) costs ~70 us per call for 16 heads over ~50 keys on
+   the 2-core Zen 4 EPYC VM, most of it fixed cost; the arithmetic takes a few us. One thread, AVX2 and FMA: eight channels of a
+   dot product or of the weighted sum per instruction, each key and value row widened once for the query heads that share it. */
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include "bf16_bits.h"
+
+#define TARGET "avx2,fma"
+#define LANES 8
+
+int moeplex_decode_attention_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+/* 8 bf16 values widened (exactly) to float. */
+__attribute__((target(TARGET))) static inline __m256 widen(const uint16_t *bits) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)bits)), 16));
+}
+
+__attribute__((target(TARGET))) static inline float horizontal_sum(__m256 v) {
+    __m128 pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    pair = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
+    pair = _mm_add_ss(pair, _mm_movehdup_ps(pair));
+    return _mm_cvtss_f32(pair);
+}
+
+/* The `group` query heads of one kv head: queries [group, D] float, k and v [L, D] bf16 bits -> out [group, D]
+   bf16 bits. scores [group, L] is scratch. Each key and value row is widened once for all the group's heads. */
+__attribute__((target(TARGET))) static void attend_kv_head(const float *queries, const uint16_t *k, const uint16_t *v,
+                                                          int64_t group, int64_t length, int64_t head_dim, float scale,
+                                                          float *scores, float *sums, uint16_t *out) {
+    for (int64_t j = 0; j < length; j++) {
+        for (int64_t h = 0; h < group; h++) {
+            __m256 dot = _mm256_setzero_ps();
+            for (int64_t d = 0; d < head_dim; d += LANES)
+                dot = _mm256_fmadd_ps(_mm256_loadu_ps(queries + h * head_dim + d), widen(k + j * head_dim + d), dot);
+            scores[h * length + j] = horizontal_sum(dot) * scale;
+        }
+    }
+    for (int64_t h = 0; h < group; h++) {
+        float *row = scores + h * length, largest = -INFINITY, total = 0.0f;
+        for (int64_t j = 0; j < length; j++) largest = fmaxf(largest, row[j]);
+        for (int64_t j = 0; j < length; j++) {
+            row[j] = expf(row[j] - largest);
+            total += row[j];
+        }
+        for (int64_t j = 0; j < length; j++) row[j] /= total;
+    }
+    for (int64_t i = 0; i < group * head_dim; i++) sums[i] = 0.0f;
+    for (int64_t j = 0; j < length; j++)
+        for (int64_t d = 0; d < head_dim; d += LANES) {
+            __m256 value = widen(v + j * head_dim + d);
+            for (int64_t h = 0; h < group; h++) {
+                float *sum = sums + h * head_dim + d;
+                _mm256_storeu_ps(sum, _mm256_fmadd_ps(_mm256_set1_ps(scores[h * length + j]), value, _mm256_loadu_ps(sum)));
+            }
+        }
+    for (int64_t i = 0; i < group * head_dim; i++) out[i] = float_to_bf16(sums[i]);
+}
+
+/* Returns 0; -1 when the arguments do not describe this layout or memory ran out (nothing written). */
+int moeplex_decode_attention(const uint16_t *q, const uint16_t *keys, const uint16_t *values, int64_t heads,
+                             int64_t kv_heads, int64_t length, int64_t head_dim, int64_t kv_head_stride, float scale,
+                             uint16_t *out) {
+    if (heads < 1 || kv_heads < 1 || heads % kv_heads || length < 1 || head_dim < LANES || head_dim % LANES ||
+        kv_head_stride < length * head_dim)
+        return -1;
+    int64_t group = heads / kv_heads;
+    float *queries = malloc(sizeof(float) * (size_t)(heads * head_dim));
+    float *scores = malloc(sizeof(float) * (size_t)(group * length));
+    float *sums = malloc(sizeof(float) * (size_t)(group * head_dim));
+    int status = queries && scores && sums ? 0 : -1;
+    if (status == 0) {
+        for (int64_t i = 0; i < heads * head_dim; i++) queries[i] = bf16_to_float(q[i]);
+        for (int64_t kv = 0; kv < kv_heads; kv++)
+            attend_kv_head(queries + kv * group * head_dim, keys + kv * kv_head_stride, values + kv * kv_head_stride, group,
+                           length, head_dim, scale, scores, sums, out + kv * group * head_dim);
+    }
+    free(queries);
+    free(scores);
+    free(sums);
+    return status;
+}
