@@ -43,7 +43,12 @@ def attention(
     sin: torch.Tensor,  # [T, 1, D], signed (`moeplex.model.rope.RotaryEmbedding.cos_sin`)
     chunks: list[SequenceChunk],
 ) -> torch.Tensor:
-    """Self-attention output [T, H]; writes this step's keys/values into each sequence's cache."""
+    """Self-attention output [T, H]; writes this step's keys/values into each sequence's cache.
+
+    A decode step (one token per sequence) on the CPU in bf16 takes moeplex's native kernel, one call per sequence from
+    rotation to attention (`moeplex.model.native_attention.takes_decode_step`); everything else rotates here and
+    runs SDPA.
+    """
     qkv = linear(x, weights.qkv, weights.qkv_bias)  # [T, q + 2 kv]
     q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
     if spec.qk_norm == "full":
@@ -55,9 +60,12 @@ def attention(
     v = v.reshape(-1, spec.num_kv_heads, spec.head_dim)
     if spec.qk_norm == "head":
         q, k = rms_norm(q, weights.q_norm, spec.rms_norm_eps), rms_norm(k, weights.k_norm, spec.rms_norm_eps)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, Hq, D]
+    if native_attention.takes_decode_step(q, k, v, cos, chunks, spec.sliding_window):  # one call per sequence
+        for row, chunk in enumerate(chunks):
+            native_attention.rotate_write_attend(q[row], k[row], v[row], cos[row], sin[row], chunk.cache, layer, chunk.start, out[row])
+        return linear(out.view(-1, spec.q_size), weights.o, weights.o_bias)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
-    out = torch.empty_like(q)  # [T, Hq, D]
     offset = 0
     for chunk in chunks:
         rows = slice(offset, offset + chunk.num_tokens)
@@ -70,13 +78,10 @@ def attention(
 def _attend(spec: ModelSpec, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
     """q [Hq, n, D] at positions start.., keys/values [Hkv, start+n, D] -> [Hq, n, D].
 
-    One decode token that sees every key goes through moeplex's native kernel where it runs (`moeplex.model.native_attention`);
-    otherwise SDPA, in fp32 where that is the faster way on this CPU (`moeplex.model.bf16_upcast.attention_upcast_pays`).
+    In fp32 where that is the faster way on this CPU (`moeplex.model.bf16_upcast.attention_upcast_pays`).
     """
     n, total = q.shape[1], keys.shape[1]
     mask = _causal_mask(n, total, start, spec.sliding_window, q.device)
-    if mask is None and native_attention.fits(q, keys, values) and native_attention.available():
-        return native_attention.decode_attention(q, keys, values)
     if attention_upcast_pays(q, total):
         return _sdpa(q.float(), keys.float(), values.float(), mask).to(q.dtype)
     return _sdpa(q, keys, values, mask)

@@ -1,9 +1,11 @@
-"""moeplex's attention for one decode token of one sequence on the CPU (native/decode_attention.c): one call instead of SDPA.
+"""moeplex's attention for one decode token of one sequence on the CPU (native/decode_attention.c), in one call.
 
-At batch 1 torch's SDPA costs ~65 us per call for the bench model's 16 heads over ~50 keys on the 2-core Zen 4 EPYC
-VM, against ~19 us here; a decode step runs one per layer and sequence. It computes in float32 from the exact
-bf16 values, as the fp32 path of `moeplex.model.attention` does. Up to MAX_KEYS keys (the most timed); built with the system compiler on first use and cached like moeplex's other kernels;
-without a compiler, or with MOEPLEX_NATIVE_ATTENTION=0, `available()` is False and SDPA runs.
+One call per layer and sequence does what took a decode step's rotary embedding (eight torch calls), its cache write
+(two) and SDPA: at batch 1 SDPA alone cost ~65 us per call for the bench model's 16 heads over ~50 keys on the
+2-core Zen 4 EPYC VM, the kernel's attention ~19 us. Rotation gives torch's bits; attention runs in float32 from the
+exact bf16 values, as the fp32 path of `moeplex.model.attention` does. Up to MAX_KEYS keys. Built with the system
+compiler on first use and cached like moeplex's other kernels; without a compiler, or with MOEPLEX_NATIVE_ATTENTION=0,
+`available()` is False and the torch path runs.
 """
 
 from __future__ import annotations
@@ -27,37 +29,42 @@ def available() -> bool:
     return SWITCH.on and _library() is not None
 
 
-def fits(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether the kernel takes q [Hq, 1, D] over keys and values [Hkv, L, D]: bf16 on the CPU, Hq a multiple of Hkv,
-    1 <= L <= MAX_KEYS, D a multiple of 8, q contiguous, rows of keys and values contiguous with one stride between kv heads."""
-    tensors = (q, keys, values)
-    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.dim() != 3 for t in tensors):
+def takes_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, chunks: list, window: int | None) -> bool:
+    """Whether `rotate_write_attend` takes every row of a step's q [T, Hq, D], k and v [T, Hkv, D] (and cos [T, 1, D]):
+    each chunk one token that sees every key (no sliding window shorter than its keys), bf16 on the CPU, rows
+    contiguous, the cache's layer [Hkv, capacity, D] contiguous and able to hold the token, at most MAX_KEYS keys."""
+    if not available() or any(chunk.num_tokens != 1 for chunk in chunks) or q.shape[0] != len(chunks):
         return False
-    heads, queries, head_dim = q.shape
-    kv_heads, length, _ = keys.shape
-    if queries != 1 or values.shape != keys.shape or keys.shape[2] != head_dim or head_dim % 8 or not 1 <= length <= MAX_KEYS:
+    longest = max(chunk.start for chunk in chunks) + 1
+    if longest > MAX_KEYS or (window is not None and longest > window):
         return False
-    if kv_heads == 0 or heads % kv_heads or not q.is_contiguous():
+    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in (q, k, v, cos)):
         return False
-    return all(t.stride(2) == 1 and t.stride(1) == head_dim for t in (keys, values)) and keys.stride(0) == values.stride(0)
+    heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
+    if head_dim % 8 or kv_heads == 0 or heads % kv_heads or v.shape != k.shape or k.shape[2] != head_dim:
+        return False
+    if any(t.stride(2) != 1 or t.stride(1) != head_dim for t in (q, k, v)) or not cos.is_contiguous():
+        return False
+    return all(chunk.cache.keys.dtype == torch.bfloat16 and chunk.cache.keys.is_contiguous() and chunk.cache.values.is_contiguous()
+               and chunk.start < chunk.cache.capacity for chunk in chunks)
 
 
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v for q [Hq, 1, D] over every key of keys, values [Hkv, L, D] (grouped-query
-    attention: Hq / Hkv query heads per kv head) -> [Hq, 1, D] bf16, for tensors that `fits` takes."""
+def rotate_write_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
+                        cache, layer: int, position: int, out: torch.Tensor) -> None:
+    """One decode token's attention after its projections, into out [Hq, D]: q [Hq, D], k and v [Hkv, D] rotated by cos /
+    signed_sin [1, D] as `moeplex.model.rope.apply_rotary` does (the same bits), k and v written at `position` of the
+    cache's layer (a SequenceKVCache), then softmax(q k^T / sqrt(D)) v over its positions 0..position in float32, rounded
+    to bf16. For a step that `takes_decode_step`."""
     library = _library()
-    if library is None or not fits(q, keys, values):
-        raise ValueError(f"the native decode attention takes bf16 q [Hq, 1, D] and keys, values [Hkv, L, D] with Hq a "
-                         f"multiple of Hkv, 1 <= L <= {MAX_KEYS} and rows contiguous, not q {q.dtype} {tuple(q.shape)}, "
-                         f"keys {keys.dtype} {tuple(keys.shape)}, values {values.dtype} {tuple(values.shape)}")
-    heads, _, head_dim = q.shape
-    kv_heads, length, _ = keys.shape
-    out = torch.empty_like(q)
-    status = library.moeplex_decode_attention(q.data_ptr(), keys.data_ptr(), values.data_ptr(), heads, kv_heads, length,
-                                              head_dim, keys.stride(0), head_dim**-0.5, out.data_ptr())
+    keys, values = cache.keys[layer], cache.values[layer]  # [Hkv, capacity, D], contiguous
+    heads, head_dim = q.shape
+    status = library.moeplex_rotate_write_attend(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
+        keys.stride(0), position, heads, k.shape[0], head_dim, head_dim**-0.5, out.data_ptr(),
+    )
     if status != 0:
-        raise MemoryError("the native decode attention could not allocate its buffers")
-    return out
+        raise ValueError(f"the native decode attention refused q {tuple(q.shape)}, k {tuple(k.shape)} at position {position} "
+                         f"of a cache of {cache.capacity}")
 
 
 @functools.cache
@@ -65,9 +72,6 @@ def _library() -> ctypes.CDLL | None:
     library = load_kernel(SOURCE, (), "moeplex_decode_attention_supported", "native decode attention", "torch's SDPA is used")
     if library is None:
         return None
-    library.moeplex_decode_attention.restype = ctypes.c_int
-    library.moeplex_decode_attention.argtypes = [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-        ctypes.c_int64, ctypes.c_float, ctypes.c_void_p,
-    ]
+    library.moeplex_rotate_write_attend.restype = ctypes.c_int
+    library.moeplex_rotate_write_attend.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_void_p]
     return library

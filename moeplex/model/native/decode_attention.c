@@ -17,6 +17,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include "bf16_bits.h"
 
 #define TARGET "avx2,fma"
@@ -94,5 +95,64 @@ int moeplex_decode_attention(const uint16_t *q, const uint16_t *keys, const uint
     free(queries);
     free(scores);
     free(sums);
+    return status;
+}
+
+/* v rounded to bf16 (nearest even; a NaN stays a NaN, quiet, as float_to_bf16 makes it), 8 lanes, as floats. */
+__attribute__((target(TARGET))) static inline __m256 round_to_bf16(__m256 v) {
+    __m256i bits = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd));
+    rounded = _mm256_and_si256(rounded, _mm256_set1_epi32((int)0xffff0000u));
+    __m256 quiet_nan = _mm256_castsi256_ps(_mm256_or_si256(bits, _mm256_set1_epi32(0x00400000)));
+    return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), quiet_nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+/* 8 floats that are bf16 values (round_to_bf16's) stored as bf16 bits. */
+__attribute__((target(TARGET))) static inline void store_bf16(uint16_t *out, __m256 v) {
+    __m256i high = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+    _mm_storeu_si128((__m128i *)out, _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1)));
+}
+
+/* x [D] rotated by cos and signed sin [D] (rotate-half, as moeplex.model.rope.apply_rotary: x * cos + roll(x, D/2) *
+   signed_sin), each product and the sum rounded to bf16 as torch's bf16 ops do, so the result is the same bits.
+   8 channels at a time where D/2 is a multiple of 8, else one at a time. */
+__attribute__((target(TARGET))) static void rotate(const uint16_t *x, const uint16_t *cos, const uint16_t *signed_sin,
+                                                  int64_t head_dim, uint16_t *out) {
+    int64_t half = head_dim / 2, d = 0;
+    if (half % LANES == 0)
+        for (; d < head_dim; d += LANES) {
+            __m256 direct = round_to_bf16(_mm256_mul_ps(widen(x + d), widen(cos + d)));
+            __m256 rolled = round_to_bf16(_mm256_mul_ps(widen(x + (d + half) % head_dim), widen(signed_sin + d)));
+            store_bf16(out + d, round_to_bf16(_mm256_add_ps(direct, rolled)));
+        }
+    for (; d < head_dim; d++) {
+        float direct = bf16_to_float(float_to_bf16(bf16_to_float(x[d]) * bf16_to_float(cos[d])));
+        float rolled = bf16_to_float(float_to_bf16(bf16_to_float(x[(d + half) % head_dim]) * bf16_to_float(signed_sin[d])));
+        out[d] = float_to_bf16(direct + rolled);
+    }
+}
+
+/* A decode token's whole attention after its projections: q [heads, D], k and v [kv_heads, D] (each contiguous) are
+   rotated by cos / signed sin [D] (q and k), k and v written at `position` of the layer's cache (cache_keys and
+   cache_values [kv_heads, capacity, D], kv_head_stride = capacity * D), then q attends over positions 0..position
+   (moeplex_decode_attention). Returns 0; -1 as moeplex_decode_attention does (nothing written then). */
+int moeplex_rotate_write_attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *cos,
+                                const uint16_t *signed_sin, uint16_t *cache_keys, uint16_t *cache_values, int64_t kv_head_stride,
+                                int64_t position, int64_t heads, int64_t kv_heads, int64_t head_dim, float scale, uint16_t *out) {
+    if (heads < 1 || kv_heads < 1 || heads % kv_heads || position < 0 || head_dim < LANES || head_dim % LANES ||
+        kv_head_stride < (position + 1) * head_dim)
+        return -1;
+    uint16_t *rotated = malloc(sizeof(uint16_t) * (size_t)(heads * head_dim));
+    if (!rotated) return -1;
+    for (int64_t h = 0; h < heads; h++) rotate(q + h * head_dim, cos, signed_sin, head_dim, rotated + h * head_dim);
+    for (int64_t kv = 0; kv < kv_heads; kv++) {
+        int64_t slot = kv * kv_head_stride + position * head_dim;
+        rotate(k + kv * head_dim, cos, signed_sin, head_dim, cache_keys + slot);
+        memcpy(cache_values + slot, v + kv * head_dim, sizeof(uint16_t) * (size_t)head_dim);
+    }
+    int status = moeplex_decode_attention(rotated, cache_keys, cache_values, heads, kv_heads, position + 1, head_dim,
+                                          kv_head_stride, scale, out);
+    free(rotated);
     return status;
 }
