@@ -74,13 +74,13 @@ def test_a_nan_in_a_cached_key_makes_only_the_heads_that_read_it_nan():
 
 
 def step(heads: int, kv_heads: int, head_dim: int, start: int, tokens: int = 1, capacity: int = 64, dtype=bf16):
-    """A decode step's q, k, v rows and cos as `moeplex.model.attention.attention` passes them, over one chunk."""
+    """A decode step's q, k, v rows, cos and sin as `moeplex.model.attention.attention` passes them, over one chunk."""
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim).to(dtype)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     spec = SimpleNamespace(num_layers=2, num_kv_heads=kv_heads, head_dim=head_dim)
     chunks = [SequenceChunk(SequenceKVCache(spec, dtype, capacity=capacity), start, tokens)]
-    return q.view(tokens, heads, head_dim), k.reshape(tokens, kv_heads, head_dim), v.reshape(tokens, kv_heads, head_dim), \
-        torch.randn(tokens, 1, head_dim).to(dtype), chunks
+    cos, sin = (torch.randn(tokens, 1, head_dim).to(dtype) for _ in range(2))
+    return q.view(tokens, heads, head_dim), k.reshape(tokens, kv_heads, head_dim), v.reshape(tokens, kv_heads, head_dim), cos, sin, chunks
 
 
 @needs_kernel

@@ -61,7 +61,7 @@ def attention(
     if spec.qk_norm == "head":
         q, k = rms_norm(q, weights.q_norm, spec.rms_norm_eps), rms_norm(k, weights.k_norm, spec.rms_norm_eps)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, Hq, D]
-    if native_attention.takes_decode_step(q, k, v, cos, chunks, spec.sliding_window):  # one call per sequence
+    if native_attention.takes_decode_step(q, k, v, cos, sin, chunks, spec.sliding_window):  # one call per sequence
         for row, chunk in enumerate(chunks):
             native_attention.rotate_write_attend(q[row], k[row], v[row], cos[row], sin[row], chunk.cache, layer, chunk.start, out[row])
         return linear(out.view(-1, spec.q_size), weights.o, weights.o_bias)

@@ -20,7 +20,7 @@ from moeplex.native_build import load_kernel
 from moeplex.switch import Switch
 
 SOURCE = Path(__file__).with_name("native") / "decode_attention.c"
-SWITCH = Switch("MOEPLEX_NATIVE_ATTENTION")  # 0: torch's SDPA everywhere
+SWITCH = Switch("MOEPLEX_NATIVE_ATTENTION")  # 0: the torch path (rotary, cache write, SDPA) everywhere
 MAX_KEYS = 2048  # the most keys timed: 3.9x faster than SDPA there, 2.5-4x at 1-1024 (docs/benchmarks.md)
 
 
@@ -29,8 +29,9 @@ def available() -> bool:
     return SWITCH.on and _library() is not None
 
 
-def takes_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, chunks: list, window: int | None) -> bool:
-    """Whether `rotate_write_attend` takes every row of a step's q [T, Hq, D], k and v [T, Hkv, D] (and cos [T, 1, D]):
+def takes_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
+                      chunks: list, window: int | None) -> bool:
+    """Whether `rotate_write_attend` takes every row of a step's q [T, Hq, D], k and v [T, Hkv, D] (cos, sin [T, 1, D]):
     each chunk one token that sees every key (no sliding window shorter than its keys), bf16 on the CPU, rows
     contiguous, the cache's layer [Hkv, capacity, D] contiguous and able to hold the token, at most MAX_KEYS keys."""
     if not available() or any(chunk.num_tokens != 1 for chunk in chunks) or q.shape[0] != len(chunks):
@@ -38,12 +39,12 @@ def takes_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     longest = max(chunk.start for chunk in chunks) + 1
     if longest > MAX_KEYS or (window is not None and longest > window):
         return False
-    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in (q, k, v, cos)):
+    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in (q, k, v, cos, signed_sin)):
         return False
     heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
     if head_dim % 8 or kv_heads == 0 or heads % kv_heads or v.shape != k.shape or k.shape[2] != head_dim:
         return False
-    if any(t.stride(2) != 1 or t.stride(1) != head_dim for t in (q, k, v)) or not cos.is_contiguous():
+    if any(t.stride(2) != 1 or t.stride(1) != head_dim for t in (q, k, v)) or not (cos.is_contiguous() and signed_sin.is_contiguous()):
         return False
     return all(chunk.cache.keys.dtype == torch.bfloat16 and chunk.cache.keys.is_contiguous() and chunk.cache.values.is_contiguous()
                and chunk.start < chunk.cache.capacity for chunk in chunks)
@@ -64,12 +65,12 @@ def rotate_write_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: 
     )
     if status != 0:
         raise ValueError(f"the native decode attention refused q {tuple(q.shape)}, k {tuple(k.shape)} at position {position} "
-                         f"of a cache of {cache.capacity}")
+                         f"of a cache of {cache.capacity} (or could not allocate its buffers)")
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    library = load_kernel(SOURCE, (), "moeplex_decode_attention_supported", "native decode attention", "torch's SDPA is used")
+    library = load_kernel(SOURCE, (), "moeplex_decode_attention_supported", "native decode attention", "the torch path (rotary, SDPA) is used")
     if library is None:
         return None
     library.moeplex_rotate_write_attend.restype = ctypes.c_int
