@@ -18,6 +18,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "avx2_sum.h"
 #include "bf16_bits.h"
 
 #define TARGET "avx2,fma"
@@ -31,13 +32,6 @@ int moeplex_decode_attention_supported(void) {
 /* 8 bf16 values widened (exactly) to float. */
 __attribute__((target(TARGET))) static inline __m256 widen(const uint16_t *bits) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)bits)), 16));
-}
-
-__attribute__((target(TARGET))) static inline float horizontal_sum(__m256 v) {
-    __m128 pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    pair = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
-    pair = _mm_add_ss(pair, _mm_movehdup_ps(pair));
-    return _mm_cvtss_f32(pair);
 }
 
 /* The `group` query heads of one kv head: queries [group, D] float, k and v [L, D] bf16 bits -> out [group, D]

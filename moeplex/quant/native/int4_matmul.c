@@ -24,6 +24,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "avx2_sum.h"
 #include "bf16_bits.h"
 
 #define BLOCK 32
@@ -63,13 +64,6 @@ static inline int fixed_point_finite(float largest, float sum) { return isfinite
 
 static inline double fixed_point_inverse(float largest, float sum) {
     return fixed_point_finite(largest, sum) && largest > 0.0f ? INT16_LIMIT / (double)largest : 0.0;
-}
-
-__attribute__((target("avx2,fma"))) static inline float horizontal_sum(__m256 v) {
-    __m128 pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    pair = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
-    pair = _mm_add_ss(pair, _mm_movehdup_ps(pair));
-    return _mm_cvtss_f32(pair);
 }
 
 /* One group in channel order, 8 channels per instruction (AVX2): each value x * (32767 / largest) computed in double
