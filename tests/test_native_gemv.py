@@ -125,6 +125,18 @@ def test_linear_and_grouped_linear_take_it_and_match_torch():
     torch.testing.assert_close(plain, F.linear(x.float(), stack[0].float(), bias.float()).to(bf16), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 16, 70])  # 70: more rows than its shared zero index holds
+def test_gemv_is_the_gathered_gemv_with_one_matrix_and_linear_takes_it(rows, monkeypatch):
+    x, stack, _ = random_operands(rows, 1, 48, 96, seed=rows)
+    out = native_gemv.gemv(x, stack[0])
+    assert out.dtype == bf16 and out.shape == (rows, 48)
+    assert torch.equal(out, native_gemv.gathered_gemv(x, stack, torch.zeros(rows, dtype=torch.int64)))
+    calls = []
+    monkeypatch.setattr(native_gemv, "gemv", lambda *args: calls.append(args) or out)
+    ops.linear(x, stack[0])
+    assert len(calls) == (rows <= 16)  # beyond 16 rows oneDNN's matmul pays (`native_gemv_pays`)
+
+
 @pytest.mark.parametrize("tokens,experts", [(1, 12), (4, 12), (8, 12), (8, 3)])  # 3 experts: tokens share them
 def test_experts_of_a_decode_step_match_the_copied_gemvs(tokens, experts):
     generator = torch.Generator().manual_seed(tokens * experts)

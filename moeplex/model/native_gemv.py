@@ -72,6 +72,22 @@ def gathered_gemv(x: torch.Tensor, matrices: torch.Tensor, index: torch.Tensor, 
     return out
 
 
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [R, K] @ weight[out, K].T -> [R, out] bf16, for x and weight that `fits` takes (as
+    `moeplex.model.grouped.native_gemv_pays` has checked): `gathered_gemv` with one matrix, without its checks and
+    index, which cost about as much as the kernel's call for a decode step's small projections."""
+    rows = x.shape[0]
+    out = torch.empty(rows, weight.shape[0], dtype=torch.bfloat16)
+    zeros = _ZERO_INDEX if rows <= _ZERO_INDEX.shape[0] else torch.zeros(rows, dtype=torch.int64)
+    x = x.contiguous()
+    _library().moeplex_gathered_gemv(x.data_ptr(), weight.data_ptr(), 1, zeros.data_ptr(), out.data_ptr(), rows, weight.shape[0],
+                                     weight.shape[1], 1, torch.get_num_threads())
+    return out
+
+
+_ZERO_INDEX = torch.zeros(64, dtype=torch.int64)  # every row's matrix in `gemv` (never written)
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     library = load_kernel(SOURCE, ("-fopenmp",), "moeplex_gathered_gemv_supported", "native gathered GEMV", "torch's matmuls are used")

@@ -22,8 +22,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor | GroupedWeight, bias: torch.Te
     if isinstance(weight, GroupedWeight):
         out = grouped_linear(x, weight)
         return out if bias is None else out + bias
-    if native_gemv_pays(x, weight):  # one matrix: every row's index is 0
-        out = native_gemv.gathered_gemv(x, weight.unsqueeze(0), torch.zeros(x.shape[0], dtype=torch.int64))
+    if native_gemv_pays(x, weight):
+        out = native_gemv.gemv(x, weight)
         return out if bias is None else out + bias
     if x.shape[0] == 1 and mv_pays(x):
         out = torch.mv(weight, x[0]).unsqueeze(0)
