@@ -21,7 +21,7 @@ from moeplex.switch import Switch
 
 SOURCE = Path(__file__).with_name("native") / "decode_attention.c"
 SWITCH = Switch("MOEPLEX_NATIVE_ATTENTION")  # 0: the torch path (rotary, cache write, SDPA) everywhere
-MAX_KEYS = 2048  # the most keys timed: 3.9x faster than SDPA there, 2.5-4x at 1-1024 (docs/benchmarks.md)
+MAX_KEYS = 2048  # the most keys timed: 3.9x faster than SDPA there, 2.5-4x at 1-1024 (docs/runtime.md)
 
 
 def available() -> bool:

@@ -1,4 +1,7 @@
-/* moeplex's CPU attention for one query token of one sequence (a decode step), in one call instead of torch's SDPA.
+/* moeplex's CPU attention for one query token of one sequence (a decode step), in one call from rotation to output.
+
+   moeplex_rotate_write_attend rotates the token's q and k (rotary embedding), writes k and v into the sequence's
+   cache and then computes, over the cache's keys and values,
 
    out[h, :] = sum_j p[h, j] v[h / group, j, :], p[h, :] = softmax_j(scale * q[h, :] . k[h / group, j, :])
 
@@ -9,9 +12,10 @@
    their maximum, exp(score - max) divided by their sum, the sum of values weighted by those, rounded once to bf16.
    D a multiple of 8.
 
-   Why: at batch 1 torch's SDPA (flash attention for the CPU) costs ~70 us per call for 16 heads over ~50 keys on
-   the 2-core Zen 4 EPYC VM, most of it fixed cost; the arithmetic takes a few us. One thread, AVX2 and FMA: eight channels of a
-   dot product or of the weighted sum per instruction, each key and value row widened once for the query heads that share it. */
+   Why: at batch 1 torch's SDPA (flash attention for the CPU) cost 65-76 us per call for 16 heads over 48 keys on
+   the 2-core Zen 4 EPYC VM, most of it fixed cost, and the rotation and cache write ten more torch calls.
+   How: one thread, AVX2 and FMA; eight channels of a dot product or of the weighted sum per instruction, each key
+   and value row widened once for the query heads that share it. */
 
 #include <immintrin.h>
 #include <math.h>
@@ -68,8 +72,9 @@ __attribute__((target(TARGET))) static void attend_kv_head(const float *queries,
     for (int64_t i = 0; i < group * head_dim; i++) out[i] = float_to_bf16(sums[i]);
 }
 
-/* Returns 0; -1 when the arguments do not describe this layout or memory ran out (nothing written). */
-int moeplex_decode_attention(const uint16_t *q, const uint16_t *keys, const uint16_t *values, int64_t heads,
+/* The attention above over keys and values [kv_heads, length, D] into out. Returns 0; -1 when the arguments do not
+   describe this layout or memory ran out (nothing written). */
+static int decode_attention(const uint16_t *q, const uint16_t *keys, const uint16_t *values, int64_t heads,
                              int64_t kv_heads, int64_t length, int64_t head_dim, int64_t kv_head_stride, float scale,
                              uint16_t *out) {
     if (heads < 1 || kv_heads < 1 || heads % kv_heads || length < 1 || head_dim < LANES || head_dim % LANES ||
@@ -130,7 +135,8 @@ __attribute__((target(TARGET))) static void rotate(const uint16_t *x, const uint
 /* A decode token's whole attention after its projections: q [heads, D], k and v [kv_heads, D] (each contiguous) are
    rotated by cos / signed sin [D] (q and k), k and v written at `position` of the layer's cache (cache_keys and
    cache_values [kv_heads, capacity, D], kv_head_stride = capacity * D), then q attends over positions 0..position
-   (moeplex_decode_attention). Returns 0; -1 as moeplex_decode_attention does (nothing written then). */
+   (decode_attention). Returns 0; -1 when the arguments do not describe this layout (nothing written) or memory ran
+   out (out not written, the cache perhaps). */
 int moeplex_rotate_write_attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *cos,
                                 const uint16_t *signed_sin, uint16_t *cache_keys, uint16_t *cache_values, int64_t kv_head_stride,
                                 int64_t position, int64_t heads, int64_t kv_heads, int64_t head_dim, float scale, uint16_t *out) {
@@ -145,7 +151,7 @@ int moeplex_rotate_write_attend(const uint16_t *q, const uint16_t *k, const uint
         rotate(k + kv * head_dim, cos, signed_sin, head_dim, cache_keys + slot);
         memcpy(cache_values + slot, v + kv * head_dim, sizeof(uint16_t) * (size_t)head_dim);
     }
-    int status = moeplex_decode_attention(rotated, cache_keys, cache_values, heads, kv_heads, position + 1, head_dim,
+    int status = decode_attention(rotated, cache_keys, cache_values, heads, kv_heads, position + 1, head_dim,
                                           kv_head_stride, scale, out);
     free(rotated);
     return status;
