@@ -60,32 +60,35 @@ def gathered_gemv(x: torch.Tensor, matrices: torch.Tensor, index: torch.Tensor, 
                               f"matrices {tuple(matrices.shape)} {matrices.dtype}, index {tuple(index.shape)}")
     if out_dtype not in (torch.float32, torch.bfloat16):
         raise NativeGemvError(f"the native gathered GEMV writes float32 or bf16, not {out_dtype}")
-    x, index = x.contiguous(), index.to(torch.int64).contiguous()
-    out = torch.empty(x.shape[0], matrices.shape[1], dtype=out_dtype)
-    status = library.moeplex_gathered_gemv(x.data_ptr(), matrices.data_ptr(), matrices.shape[0], index.data_ptr(), out.data_ptr(),
-                                           x.shape[0], matrices.shape[1], matrices.shape[2], int(out_dtype == torch.bfloat16),
-                                           torch.get_num_threads())
-    if status == 2:
-        raise NativeGemvError(f"the native gathered GEMV got an index outside 0..{matrices.shape[0] - 1}")
-    if status != 0:
-        raise NativeGemvError(f"the native gathered GEMV refused x {tuple(x.shape)}, matrices {tuple(matrices.shape)}")
-    return out
+    return _multiply(library, x, matrices, index.to(torch.int64).contiguous(), out_dtype)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [R, K] @ weight[out, K].T -> [R, out] bf16, for x and weight that `fits` takes (as
-    `moeplex.model.grouped.native_gemv_pays` has checked): `gathered_gemv` with one matrix, without its checks and
-    index, which cost about as much as the kernel's call for a decode step's small projections."""
+    `moeplex.model.grouped.native_gemv_pays` has checked): `gathered_gemv` with one matrix, without its argument
+    checks and index, which cost about as much as the kernel's call for a decode step's small projections."""
     rows = x.shape[0]
-    out = torch.empty(rows, weight.shape[0], dtype=torch.bfloat16)
     zeros = _ZERO_INDEX if rows <= _ZERO_INDEX.shape[0] else torch.zeros(rows, dtype=torch.int64)
-    x = x.contiguous()
-    _library().moeplex_gathered_gemv(x.data_ptr(), weight.data_ptr(), 1, zeros.data_ptr(), out.data_ptr(), rows, weight.shape[0],
-                                     weight.shape[1], 1, torch.get_num_threads())
-    return out
+    return _multiply(_library(), x, weight, zeros, torch.bfloat16)
 
 
 _ZERO_INDEX = torch.zeros(64, dtype=torch.int64)  # every row's matrix in `gemv` (never written)
+
+
+def _multiply(library: ctypes.CDLL, x: torch.Tensor, matrices: torch.Tensor, index: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The kernel's call for rows x [R, K], a contiguous stack [N, out, K] (or one matrix [out, K]) and index [R] int64
+    (contiguous)."""
+    x = x.contiguous()
+    count = matrices.shape[0] if matrices.dim() == 3 else 1
+    out = torch.empty(x.shape[0], matrices.shape[-2], dtype=out_dtype)
+    status = library.moeplex_gathered_gemv(x.data_ptr(), matrices.data_ptr(), count, index.data_ptr(), out.data_ptr(),
+                                           x.shape[0], matrices.shape[-2], matrices.shape[-1], int(out_dtype == torch.bfloat16),
+                                           torch.get_num_threads())
+    if status == 2:
+        raise NativeGemvError(f"the native gathered GEMV got an index outside 0..{count - 1}")
+    if status != 0:
+        raise NativeGemvError(f"the native gathered GEMV refused x {tuple(x.shape)}, matrices {tuple(matrices.shape)}")
+    return out
 
 
 @functools.cache
