@@ -115,8 +115,6 @@ def heldout_tokens_per_domain(args: argparse.Namespace) -> int | None:
 
 
 def _run_store_parts(args: argparse.Namespace) -> dict:
-    import dataclasses
-
     from moeplex.planner.command import device_budgets
     from moeplex.planner.meter import MeterSettings, StoreMeter
     from moeplex.planner.profile import Profiler
@@ -130,8 +128,9 @@ def _run_store_parts(args: argparse.Namespace) -> dict:
 
     store = store_parts_store(args)
     heldout = heldout_tokens_per_domain(args)
-    settings = MeterSettings(threads=args.threads, group_size=args.group_size, selection_error=args.selection_error)
-    meter = StoreMeter(store, settings if heldout is None else dataclasses.replace(settings, heldout_tokens_per_domain=heldout))
+    text_size = {} if heldout is None else {"heldout_tokens_per_domain": heldout}  # None: MeterSettings' default
+    meter = StoreMeter(store, MeterSettings(threads=args.threads, group_size=args.group_size, selection_error=args.selection_error,
+                                            **text_size))
     device_bytes, expert_budget = device_budgets(meter, args.device_memory)
     profiler = Profiler(meter, expert_budget=expert_budget)  # the selection part scores quality only: budget unused there
     result = {"store": str(store), "device_memory_bytes": device_bytes, "expert_budget_bytes": expert_budget}
