@@ -35,6 +35,11 @@ def test_measure_budget_times_every_system_and_scores_predictions_untimed(store,
     assert scored_while_timed == [False] * 12 + [True] * 2
     assert measured["prediction"][1]["scored"] > 0
     assert 0.0 <= measured["prediction"][1]["recall"] <= 1.0
+    ceiling = measured["ceiling"]  # the resident model's routing replayed at this budget
+    assert ceiling["lru"] > 0 and ceiling["lru_misses_per_token"] > 0
+    assert set(ceiling["oracle"]) == {"window_0", f"window_{settings.window}", f"window_{setup.spec.num_layers}"}
+    assert ceiling["oracle"]["window_0"]["misses_per_token"] <= ceiling["lru_misses_per_token"]  # Belady never misses more
+    assert all(entry["tokens_per_s"] > 0 for entry in ceiling["oracle"].values())
 
 
 def test_a_budget_below_one_expert_is_refused(store):

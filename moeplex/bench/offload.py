@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from moeplex.bench.measure import median
+from moeplex.bench.offload_ceiling import RoutingRecorder, measured_costs, prediction_ceiling
 from moeplex.model.generate import generate
 from moeplex.model.runtime import MoEModel
 from moeplex.model.sampling import SamplingParams
@@ -143,7 +144,7 @@ def run_offload_benchmark(store: Path, settings: OffloadBenchSettings, progress=
         "store": str(store), "device": settings.device, "threads": settings.threads, "new_tokens": settings.new_tokens, "prompt_tokens": settings.prompt_tokens,
         "repeats": settings.repeats, "direct_io": settings.direct_io, "window": settings.window, "min_probability": settings.min_probability, "score_threshold": settings.score_threshold,
         "expert_bytes": setup.expert_bytes, "expert_count": len(setup.source.manifest.experts),
-        "tokens_per_s": {}, "speedup_vs_lru": {}, "fraction_of_resident": {}, "pool": {}, "prefetcher": {}, "prediction": {},
+        "tokens_per_s": {}, "speedup_vs_lru": {}, "fraction_of_resident": {}, "pool": {}, "prefetcher": {}, "prediction": {}, "ceiling": {},
     }
     for fraction in settings.budgets:
         key = f"budget_{round(fraction * 100)}"
@@ -152,6 +153,7 @@ def run_offload_benchmark(store: Path, settings: OffloadBenchSettings, progress=
         result["speedup_vs_lru"][key] = rates["moeplex"] / rates["lru"]
         result["fraction_of_resident"][key] = rates["moeplex"] / rates["resident"]
         result["pool"][key], result["prefetcher"][key] = measured["pool"], measured["prefetcher"]
+        result["ceiling"][key] = measured["ceiling"]
         result["prediction"][f"bench_{key}"] = measured["prediction"]
     result["next_layer_recall"] = result["prediction"][f"bench_budget_{round(settings.budgets[0] * 100)}"][1]["recall"]
     progress("prediction quality on the tiny trained demo family")
@@ -168,13 +170,15 @@ def measure_budget(setup: BenchSetup, budget: int, warmup: list[int], prompts: l
     traces that the timed requests of these prompts left in the timed model's library.
     """
     models = {name: setup.offloaded(name, budget, settings) for name in SYSTEMS}
-    models["resident"] = setup.resident
+    recorder = RoutingRecorder(setup.resident.experts, setup.table)
+    models["resident"] = setup.model(recorder)
     drop_page_cache(setup.store)
     progress(f"budget {budget / 2**20:.0f} MiB of {setup.expert_bytes / 2**20:.0f} MiB: warm-up request per system")
     for model in models.values():
         decode_tokens_per_s(model, warmup, settings.new_tokens)
     for model in models.values():
         reset_counters(model)
+    warmup_steps = len(recorder.steps)
     samples: dict[str, list[float]] = {name: [] for name in models}
     for repeat, prompt in enumerate(prompts):
         progress(f"measured request {repeat + 1}/{len(prompts)}")
@@ -186,6 +190,10 @@ def measure_budget(setup: BenchSetup, budget: int, warmup: list[int], prompts: l
         "pool": {name: pool_summary(models[name].experts.pool.stats, tokens) for name in SYSTEMS},
         "prefetcher": vars(models["moeplex"].experts.prefetcher.stats).copy(),
     }
+    costs = measured_costs(recorder, result["tokens_per_s"]["resident"], models["lru"].experts.pool.stats)
+    nbytes = {key: setup.source.expert_nbytes(key) for keys in setup.table if keys for key in keys}
+    windows = (0, settings.window, setup.spec.num_layers)
+    result["ceiling"] = prediction_ceiling(recorder, costs, budget, nbytes, warmup_steps, windows)
     for name in SYSTEMS:
         models[name].experts.close()
     scored = setup.offloaded("moeplex", budget, settings)
@@ -244,6 +252,17 @@ def tiny_family_prediction(settings: OffloadBenchSettings, requests_per_domain: 
     return score_predictions(model, evaluation, settings)
 
 
+def format_ceiling(ceiling: dict, measured_lru: float) -> str:
+    costs = ceiling["costs"]
+    oracle = ", ".join(
+        f"{name.removeprefix('window_')} layers ahead {entry['tokens_per_s']:.2f} ({entry['vs_lru']:.2f}x)" for name, entry in ceiling["oracle"].items()
+    )
+    return (
+        f"replayed routing (read {costs['read_bytes_per_second'] / 1e9:.2f} GB/s, layer {costs['layer_seconds'] * 1e3:.2f} ms + "
+        f"{costs['expert_seconds'] * 1e3:.2f} ms per expert): LRU {ceiling['lru']:.2f} tok/s (measured {measured_lru:.2f}); oracle {oracle}"
+    )
+
+
 def format_table(result: dict) -> str:
     lines = [
         (
@@ -262,6 +281,8 @@ def format_table(result: dict) -> str:
             )
             lines.append(f"{key:>10} {name:>9} {rate:>8.2f}" + cells)
         lines.append(f"{key:>10} moeplex / lru: {result['speedup_vs_lru'][key]:.2f}x, moeplex / resident: {result['fraction_of_resident'][key]:.2f}x")
+        if key in result.get("ceiling", {}):
+            lines.append(f"{key:>10} {format_ceiling(result['ceiling'][key], rates['lru'])}")
     lines.append(f"prediction (an expert counts as predicted at p >= {result['score_threshold']}; moeplex prefetches at p >= {result['min_probability']}):")
     for name, by_distance in result["prediction"].items():
         cells = ", ".join(f"d={d}: P {r['precision']:.2f} R {r['recall']:.2f}" for d, r in by_distance.items())
