@@ -104,6 +104,25 @@ def test_trace_matching_weighs_the_requests_recent_tokens_most():
     assert torch.allclose(per_token[2], torch.full((EXPERTS,), TOP_K / EXPERTS))  # nothing seen there: uniform
 
 
+def test_trace_matching_chooses_library_matches_once_per_pass_and_the_own_row_at_every_layer():
+    generator = torch.Generator().manual_seed(31)
+    library = TraceLibrary(LAYERS, EXPERTS)
+    for _ in range(5):
+        library.add("v", torch.rand(LAYERS, EXPERTS, generator=generator) * 4)
+    tracer = ActivationTracer(library)
+    tracer.begin("v")
+    matcher = TraceMatcher(tracer, TOP_K, matches=2)
+    tracer.record(0, random_choices(generator, 1))
+    first = matcher.per_token().clone()
+    tracer.record(1, random_choices(generator, 1))
+    within_pass = matcher.per_token()
+    assert torch.equal(within_pass[2], first[2])  # nothing of the request's own at layer 2 yet: the same matches
+    assert not torch.allclose(within_pass[1], first[1])  # the own row took layer 1's choice at once
+    for layer in range(LAYERS):  # a whole pass later the matches are chosen again
+        tracer.record(layer, random_choices(generator, 1))
+    assert torch.allclose(matcher.per_token(), TraceMatcher(tracer, TOP_K, matches=2).per_token())
+
+
 def test_trace_matching_with_an_empty_library_and_request_is_uniform():
     per_token = TraceMatcher(ActivationTracer(TraceLibrary(LAYERS, EXPERTS)), TOP_K).per_token()
     assert torch.allclose(per_token, torch.full((LAYERS, EXPERTS), TOP_K / EXPERTS))

@@ -25,11 +25,19 @@ class TraceMatcher:
     The request's own recency-weighted matrix counts as one more match of similarity 1, so a request
     that keeps choosing the same experts is predicted from itself even with an empty library. Matches
     weigh similarity ** sharpness: only close ones move the prediction away from the request's own.
+
+    The library's matches are chosen again once per forward pass (every `refresh_records` records of
+    the tracer, by default its number of layers) and when a request begins: within a pass the partial
+    matrix gains one layer's counts and the similarities barely move, while choosing them costs more
+    host time than the rest of the prediction. The request's own row, which changes at every layer,
+    is blended in at every call.
     """
 
-    def __init__(self, tracer: ActivationTracer, top_k: int, matches: int = 8, sharpness: float = 4.0):
+    def __init__(self, tracer: ActivationTracer, top_k: int, matches: int = 8, sharpness: float = 4.0, refresh_records: int | None = None):
         self.tracer, self.top_k, self.matches, self.sharpness = tracer, top_k, matches, sharpness
+        self.refresh_records = refresh_records or tracer.library.num_layers
         self._computed: tuple[int, torch.Tensor] | None = None  # (tracer version, per_token) of the last call
+        self._library_part: tuple[int, int, torch.Tensor, torch.Tensor] | None = None  # (request, records, weighted sum, weight)
 
     def per_token(self) -> torch.Tensor:
         """[L, E] probability that one token of the running request picks each expert at each layer."""
@@ -38,19 +46,32 @@ class TraceMatcher:
         return self._computed[1]
 
     def _match(self) -> torch.Tensor:
-        partial = self.tracer.matrix  # [L, E]
-        library = self.tracer.library.matrices(self.tracer.variant)  # [N, L, E]
-        similarity = torch.nn.functional.cosine_similarity(library.flatten(1), partial.flatten()[None], dim=1)  # [N]
-        own = torch.tensor([1.0 if partial.sum() > 0 else 0.0])
-        similarity = torch.cat([similarity.clamp(min=0), own])  # [N+1]
-        traces = torch.cat([library, self.tracer.recent[None]])  # [N+1, L, E]
-        best = torch.topk(similarity, min(self.matches + 1, similarity.numel()))
-        rows = traces[best.indices]  # [m, L, E]
-        tokens = rows.sum(-1, keepdim=True)  # [m, L, 1] (times k)
-        weights = best.values[:, None, None] ** self.sharpness * (tokens > 0)  # a match says nothing about layers it has not seen
-        total = weights.sum(0)  # [L, 1]
-        matched = (rows / tokens.clamp(min=1) * weights).sum(0) / total.clamp(min=1e-12) * self.top_k
-        return torch.where(total > 0, matched, self.top_k / partial.shape[1])
+        summed, weight = self._library_matches()  # [L, E], [L, 1]
+        recent = self.tracer.recent  # [L, E]
+        own_tokens = recent.sum(-1, keepdim=True)  # [L, 1] (times k)
+        own = (own_tokens > 0).float()  # the request's own row, similarity 1, where it has seen the layer
+        total = weight + own
+        matched = (summed + recent / own_tokens.clamp(min=1) * own) / total.clamp(min=1e-12) * self.top_k
+        return torch.where(total > 0, matched, self.top_k / recent.shape[1])
+
+    def _library_matches(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The best library matches' per-token rows summed by weight [L, E], and their weight per layer [L, 1]."""
+        tracer, part = self.tracer, self._library_part
+        if part is not None and part[0] == tracer.requests and tracer.records - part[1] < self.refresh_records:
+            return part[2], part[3]
+        partial = tracer.matrix  # [L, E]
+        library = tracer.library.matrices(tracer.variant)  # [N, L, E]
+        if library.shape[0] == 0 or partial.sum() == 0:
+            summed, weight = torch.zeros_like(partial), torch.zeros(partial.shape[0], 1)
+        else:
+            similarity = torch.nn.functional.cosine_similarity(library.flatten(1), partial.flatten()[None], dim=1).clamp(min=0)  # [N]
+            best = torch.topk(similarity, min(self.matches, similarity.numel()))
+            rows = library[best.indices]  # [m, L, E]
+            tokens = rows.sum(-1, keepdim=True)  # [m, L, 1] (times k)
+            weights = best.values[:, None, None] ** self.sharpness * (tokens > 0)  # a match says nothing about layers it has not seen
+            summed, weight = (rows / tokens.clamp(min=1) * weights).sum(0), weights.sum(0)
+        self._library_part = (tracer.requests, tracer.records, summed, weight)
+        return summed, weight
 
     def predict(self, layers: list[int], tokens: int) -> torch.Tensor:
         """[len(layers), E] probability that a batch of `tokens` tokens needs each expert."""

@@ -85,11 +85,14 @@ class ActivationTracer:
     def __init__(self, library: TraceLibrary, decay: float = 0.3):
         self.library, self.decay = library, decay
         self.version = 0
+        self.requests = 0  # requests begun so far
         self.begin(None)
 
     def begin(self, variant: str | None) -> None:
         self.variant = variant
         self.version += 1  # changes whenever the matrices do
+        self.requests += 1
+        self.records = 0  # layers recorded in this request
         self.matrix = torch.zeros(self.library.num_layers, self.library.num_experts)  # [L, E] counts so far
         self.recent = torch.zeros(self.library.num_layers, self.library.num_experts)  # [L, E] decayed counts
 
@@ -99,6 +102,7 @@ class ActivationTracer:
         self.matrix[layer] += counts
         self.recent[layer] = self.decay * self.recent[layer] + counts
         self.version += 1
+        self.records += 1
 
     def end(self) -> None:
         if self.variant is not None and self.matrix.sum() > 0:
