@@ -20,7 +20,7 @@ from moeplex.model.experts import group_tokens_by_expert
 from moeplex.offload.forecast import ExpertForecaster, Outlook
 from moeplex.offload.host_execution import HostExecutionPolicy, NeverOnHost
 from moeplex.offload.policies import TraceAwarePolicy
-from moeplex.offload.pool import ExpertPool, ExpertUnavailableError
+from moeplex.offload.pool import ExpertPool, ExpertUnavailableError, chunks_that_fit
 from moeplex.offload.prefetcher import Prefetcher, PrefetchRequest
 from moeplex.offload.reuse import reuse_rates
 
@@ -170,15 +170,7 @@ class PooledExperts:
 
     def _chunks(self, keys: Sequence[Hashable], groups: list) -> list[list]:
         """The expert groups split so each chunk's experts fit the device budget together."""
-        chunks, current, used = [], [], 0
-        for group in groups:
-            nbytes = self.pool.source.expert_nbytes(keys[group[0]])
-            if current and used + nbytes > self.pool.device_budget:
-                chunks.append(current)
-                current, used = [], 0
-            current.append(group)
-            used += nbytes
-        return chunks + [current]
+        return chunks_that_fit(groups, lambda group: self.pool.source.expert_nbytes(keys[group[0]]), self.pool.device_budget)
 
     def _variant_requests(self, forecast: Forecast) -> list[PrefetchRequest]:
         """Experts at least min_probability likely in the window; a key shared by positions once, at its best."""

@@ -11,15 +11,18 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 import copy
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import torch
 
 from moeplex.errors import ExpertReadError, MoeplexError
 from moeplex.offload.policies import EvictionPolicy
 from moeplex.offload.sources import ExpertSource, PoolExpert
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -52,6 +55,21 @@ class PoolStats:
 
     def as_dict(self) -> dict:
         return asdict(self) | {"hit_rate": self.hit_rate, "prefetch_accuracy": self.prefetch_accuracy}
+
+
+def chunks_that_fit(items: Sequence[T], nbytes: Callable[[T], int], capacity: int) -> list[list[T]]:
+    """The items in order, split so that each chunk's bytes fit the capacity together (an item alone always forms a chunk)."""
+    chunks: list[list[T]] = []
+    current: list[T] = []
+    used = 0
+    for item in items:
+        size = nbytes(item)
+        if current and used + size > capacity:
+            chunks.append(current)
+            current, used = [], 0
+        current.append(item)
+        used += size
+    return chunks + [current]
 
 
 class ExpertUnavailableError(ExpertReadError):

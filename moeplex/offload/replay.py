@@ -19,6 +19,8 @@ import bisect
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
+from moeplex.offload.pool import chunks_that_fit
+
 Step = Sequence[Sequence[Hashable]]  # one forward pass: the keys each layer uses, layer by layer
 
 
@@ -86,7 +88,7 @@ def replay(
         for layer, keys in enumerate(layers):
             now += costs.layer_seconds
             layer_end = position + len(keys)
-            for index, chunk in enumerate(_chunks(keys, nbytes, capacity_bytes)):  # as the pool runs them: chunks that fit
+            for index, chunk in enumerate(chunks_that_fit(keys, nbytes.__getitem__, capacity_bytes)):  # as the pool runs them: chunks that fit
                 protected = set(chunk)
                 for offset, key in enumerate(chunk):  # demand reads first, then reads ahead
                     if cache.ready_time(key) is None:
@@ -105,18 +107,6 @@ def replay(
             misses = misses_before
     count = len(step_seconds)
     return Replayed(tuple(step_seconds), misses / count, reads / count)
-
-
-def _chunks(keys: Sequence[Hashable], nbytes: Mapping[Hashable, int], capacity: int) -> list[list[Hashable]]:
-    """The keys in order, split so each chunk fits the capacity together."""
-    chunks, current, used = [], [], 0
-    for key in keys:
-        if current and used + nbytes[key] > capacity:
-            chunks.append(current)
-            current, used = [], 0
-        current.append(key)
-        used += nbytes[key]
-    return chunks + [current]
 
 
 class _TimedCache:
