@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moeplex.bench.options import add_json_option, add_threads_option, publish
+from moeplex.offload.config import DEFAULT_MIN_PROBABILITY
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class OffloadBenchSettings:
     repeats: int = 5  # measured requests per system and budget (after one warm-up request)
     calibration_requests: int = 8
     window: int = 2
-    min_probability: float = 0.8  # prefetch threshold of the moeplex system
+    min_probability: float = DEFAULT_MIN_PROBABILITY  # prefetch threshold of the moeplex system
     score_threshold: float = 0.5  # an expert at least this likely counts as predicted when scoring precision/recall
     threads: int = 1
     seed: int = 0

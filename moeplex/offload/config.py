@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 PREDICTIONS = ("none", "trace", "lookahead", "combined")
 HOST_EXECUTION = ("auto", "never", "always")  # see moeplex.offload.host_execution
+# Prefetch only experts at least this likely: where the disk is the bottleneck a wrong guess costs a whole
+# read that a demand read may queue behind (0.95 against 0.8: moeplex / LRU 1.00-1.02x against 0.80-0.92x
+# at a quarter of the bench family's experts, docs/offloading.md).
+DEFAULT_MIN_PROBABILITY = 0.95
 
 
 @dataclass(frozen=True)
@@ -16,7 +20,7 @@ class OffloadConfig:
     prediction: str = "combined"  # none | trace | lookahead | combined
     prefetch: bool = True  # a background thread fetches predicted experts
     window: int = 2  # sparse layers ahead that are predicted (and prefetched)
-    min_probability: float = 0.8  # prefetch experts at least this likely (a wasted prefetch costs disk time)
+    min_probability: float = DEFAULT_MIN_PROBABILITY  # prefetch experts at least this likely
     lookahead_weight: float = 0.7  # share of router look-ahead in the combined prediction
     trace_capacity: int = 512  # traces the library keeps (oldest leave first)
     trace_matches: int = 8  # most similar library traces a prediction averages

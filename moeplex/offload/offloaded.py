@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from moeplex.model.experts import group_tokens_by_expert
+from moeplex.offload.config import DEFAULT_MIN_PROBABILITY
 from moeplex.offload.forecast import ExpertForecaster, Outlook
 from moeplex.offload.host_execution import HostExecutionPolicy, NeverOnHost
 from moeplex.offload.policies import TraceAwarePolicy
@@ -60,7 +61,7 @@ class PooledExperts:
         pool: ExpertPool,
         keys: Sequence[Hashable],
         prefetcher: Prefetcher | None = None,
-        min_probability: float = 0.8,
+        min_probability: float = DEFAULT_MIN_PROBABILITY,
         host_execution: HostExecutionPolicy | None = None,
     ):
         self.pool, self.prefetcher, self.min_probability = pool, prefetcher, min_probability
@@ -202,7 +203,7 @@ class OffloadedExperts:
         pool: ExpertPool,
         forecaster: ExpertForecaster | None = None,
         prefetcher: Prefetcher | None = None,
-        min_probability: float = 0.8,
+        min_probability: float = DEFAULT_MIN_PROBABILITY,
         host_execution: HostExecutionPolicy | None = None,
     ):
         self.table, self.forecaster = table, forecaster
