@@ -254,9 +254,11 @@ def tiny_family_prediction(settings: OffloadBenchSettings, requests_per_domain: 
 
 def format_ceiling(ceiling: dict, measured_lru: float) -> str:
     costs = ceiling["costs"]
-    oracle = ", ".join(
-        f"{name.removeprefix('window_')} layers ahead {entry['tokens_per_s']:.2f} ({entry['vs_lru']:.2f}x)" for name, entry in ceiling["oracle"].items()
-    )
+    def label(name: str) -> str:
+        window = name.removeprefix("window_")
+        return "Belady only" if window == "0" else f"{window} layers ahead"
+
+    oracle = ", ".join(f"{label(name)} {entry['tokens_per_s']:.2f} ({entry['vs_lru']:.2f}x)" for name, entry in ceiling["oracle"].items())
     return (
         f"replayed routing (read {costs['read_bytes_per_second'] / 1e9:.2f} GB/s, layer {costs['layer_seconds'] * 1e3:.2f} ms + "
         f"{costs['expert_seconds'] * 1e3:.2f} ms per expert): LRU {ceiling['lru']:.2f} tok/s (measured {measured_lru:.2f}); oracle {oracle}"
