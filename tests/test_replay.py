@@ -1,4 +1,4 @@
-"""The routing replay (`moeplex.offload.replay`): exact timings on small cases, the oracle never behind LRU, clear errors."""
+"""The routing replay (`moeplex.offload.replay`): exact timings on small cases, LRU and Belady victims, Belady never behind LRU, clear errors."""
 
 import random
 
@@ -37,6 +37,14 @@ def test_lru_on_demand_waits_one_read_per_miss():
     replayed = replay(steps, [True] * 3, capacity_bytes=10, nbytes=sizes("ab"), costs=COSTS)
     assert replayed.seconds_per_step == pytest.approx(0.002 + 0.010 + 0.001)
     assert replayed.misses_per_step == 1 and replayed.reads_per_step == 1
+
+
+def test_lru_evicts_the_least_recent_and_belady_the_one_needed_furthest_ahead():
+    steps = [[("a",)], [("b",)], [("a",)], [("c",)], [("b",)]]  # room for two: at c, LRU drops b, Belady drops a
+    lru = replay(steps, [True] * 5, 20, sizes("abc"), COSTS)
+    belady = replay(steps, [True] * 5, 20, sizes("abc"), COSTS, oracle_window=0)
+    assert lru.misses_per_step * 5 == 4  # a, b, c, then b again
+    assert belady.misses_per_step * 5 == 3  # a, b, c
 
 
 def test_the_oracle_reads_ahead_and_hides_a_read_shorter_than_a_layer():
