@@ -4,7 +4,8 @@ The resident model records which experts each decode step used and how long its 
 of each layer took; LRU's run gives the disk's read speed. `moeplex.offload.replay` then times the same
 routing at a budget for on-demand LRU and for an oracle that knows the future (Belady eviction, the
 next layers' experts read ahead). The replayed LRU checks the timing model against the measured one;
-the oracle's speed over it bounds what any predictor could reach on this family and machine.
+the oracle's speed over it is what perfect prediction would give this design (reads ahead in the order of
+use, eviction by next use) on this family and machine.
 """
 
 from __future__ import annotations

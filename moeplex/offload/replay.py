@@ -1,9 +1,10 @@
 """Replays recorded expert routing through a timed model of one disk and a device cache: on-demand LRU against an oracle.
 
 The oracle knows the future: it evicts the expert used furthest ahead (Belady's rule) and, as each layer
-routes, queues the reads of exactly the experts that the next `window` layers will use. At the same
-costs no predictor and eviction policy can do better, so its speed over LRU's is the most that
-prediction and prefetching could gain at a budget. `moeplex bench offload` replays the measured
+routes, queues the reads of exactly the experts that the next `window` layers will use. No predictor
+foresees more and Belady's rule reads least, so its speed over LRU's is what perfect prediction gives a
+pool that reads ahead this way at a budget (a cleverer order of reads might gain a little more; no
+system beats the fully resident speed). `moeplex bench offload` replays the measured
 requests' routing with costs it measured (docs/offloading.md).
 
 The model: layers run in order; a layer spends `layer_seconds` before its router picks experts, then
