@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from moeplex.planner.configurations import Configuration, configuration_grid
 from moeplex.planner.pareto import Measurement, pareto_frontier
@@ -50,9 +51,13 @@ def compare_selections(profiler: Profiler, heldout: Mapping[str, torch.Tensor], 
         "kl": {name: [] for name in (RandomSelection.name, *policies)},
     }
 
+    scored = tqdm(total=len(int4_fractions) * (len(seeds) + len(policies)), desc="selections scored", unit="model")
+
     def heldout_quality(policy, config: Configuration) -> tuple[float, float]:
         meter.use(policy.choose(meter.expert_ids, config.quantized_counts))
-        return meter.quality(heldout)
+        quality = meter.quality(heldout)
+        scored.update()
+        return quality
 
     for fraction in int4_fractions:
         int4 = round(n * fraction)
@@ -68,6 +73,7 @@ def compare_selections(profiler: Profiler, heldout: Mapping[str, torch.Tensor], 
             ppl, kl = heldout_quality(policy, config)
             result[name].append(ppl)
             result["kl"][name].append(kl)
+    scored.close()
     meter.use({})
     return result
 
