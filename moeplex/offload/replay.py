@@ -81,11 +81,11 @@ def replay(
         raise ValueError(f"a cache of {capacity_bytes} bytes cannot hold one expert of {largest} bytes")
     future = _FutureUses(steps) if oracle_window is not None else None
     cache = _TimedCache(capacity_bytes, nbytes, costs.read_bytes_per_second, future)
-    now = misses = reads = 0.0
+    now, misses, reads = 0.0, 0, 0
     step_seconds = []
     position = 0  # index of the next use in the flat sequence
     for step, layers in enumerate(steps):
-        started, reads_before, misses_before = now, cache.reads, misses
+        started, reads_before, step_misses = now, cache.reads, 0
         for layer, keys in enumerate(layers):
             now += costs.layer_seconds
             layer_end = position + len(keys)
@@ -94,7 +94,7 @@ def replay(
                 for offset, key in enumerate(chunk):  # demand reads first, then reads ahead
                     if cache.ready_time(key) is None:
                         cache.read(key, now, protected, position + offset)
-                        misses += 1
+                        step_misses += 1
                 if index == 0 and future is not None and oracle_window:
                     cache.prefetch_window(future, layer_end, step, layer, oracle_window, len(layers), protected, now)
                 for key in chunk:
@@ -104,8 +104,7 @@ def replay(
         if timed[step]:
             step_seconds.append(now - started)
             reads += cache.reads - reads_before
-        else:
-            misses = misses_before
+            misses += step_misses
     count = len(step_seconds)
     return Replayed(tuple(step_seconds), misses / count, reads / count)
 
