@@ -197,7 +197,7 @@ def greedy_tokens(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
 @pytest.mark.parametrize("selection_error", ["model", "expert"])
 def test_bank_calibration_pools_every_variant_per_expert_id(store, selection_error):
     meter = StoreMeter(store, dataclasses.replace(FAST, selection_error=selection_error))
-    calibration = meter.calibrate(meter.calibration_token_ids())
+    calibration = meter.calibrate(meter.calibration_texts())
     assert set(calibration.frequency) == set(calibration.errors) == set(meter.expert_ids)
     sparse_layers = sum(next(iter(meter.models.values())).spec.sparse_layers)
     assert sum(calibration.frequency.values()) == pytest.approx(sparse_layers)  # each variant's layer sums to 1
@@ -300,13 +300,14 @@ def test_plan_names_a_missing_store(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
 
 
-def test_each_variant_is_scored_on_its_own_domains_heldout_text(store):
+@pytest.mark.parametrize("texts_of", [StoreMeter.heldout_texts, StoreMeter.calibration_texts], ids=["heldout", "calibration"])
+def test_each_variant_is_scored_and_calibrated_on_its_own_domains_text(store, texts_of):
     meter = StoreMeter(store, FAST)
     assert meter.manifest.own_domain == {}
-    every = meter.heldout_texts()
+    every = texts_of(meter)
     assert all(torch.equal(ids, every["base"]) for ids in every.values())  # no own domain: every domain's text
     meter.manifest.own_domain = {"python": "python", "cpp": "not a demo domain"}
-    texts = meter.heldout_texts()
+    texts = texts_of(meter)
     assert 0 < texts["python"].numel() < every["base"].numel()
     assert torch.equal(texts["python"], every["base"][: texts["python"].numel()])  # python is the first demo domain
     assert torch.equal(texts["cpp"], every["base"]) and torch.equal(texts["base"], every["base"])

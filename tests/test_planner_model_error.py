@@ -24,17 +24,17 @@ def test_variants_using_lists_each_variant_whose_table_names_the_id():
 
 
 def test_the_error_times_frequency_is_the_kl_with_that_expert_alone_quantized(meter):
-    token_ids = torch.randint(3, 150, (48,), generator=torch.Generator().manual_seed(31))
+    generator = torch.Generator().manual_seed(31)
+    texts = {variant: torch.randint(3, 150, (40 + 4 * i,), generator=generator) for i, variant in enumerate(meter.models)}
     ids = meter.expert_ids
     frequency = {expert_id: 0.1 + 0.8 * i / len(ids) for i, expert_id in enumerate(ids)}
     frequency[ids[-1]] = 0.0  # never routed on calibration text: nothing to measure
-    errors = model_output_errors(meter, token_ids, frequency)
+    errors = model_output_errors(meter, texts, frequency)
     assert set(errors) == set(ids)
     assert errors[ids[-1]] == {"int4": 0.0, "int8": 0.0}
-    texts = {variant: token_ids for variant in meter.models}
     for expert_id in (ids[0], ids[len(ids) // 2]):
         meter.use({expert_id: "int4"})
-        _, kl = meter.quality(texts)  # every variant, those without the id included
+        _, kl = meter.quality(texts)  # every variant on its own text, those without the id included
         assert errors[expert_id]["int4"] * frequency[expert_id] == pytest.approx(kl, rel=1e-6)
         assert 0 < errors[expert_id]["int8"] < errors[expert_id]["int4"]
     meter.use({})

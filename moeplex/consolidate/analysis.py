@@ -89,14 +89,19 @@ def family_sizes(experts: FamilyExperts, variants: tuple[str, ...]) -> FamilySiz
     return FamilySizes(one_model, one_model - positions * expert, expert, len(variants), positions)
 
 
-def calibration_tokens(tokenizer_folder: Path, per_domain: int = CALIBRATION_TOKENS_PER_DOMAIN) -> torch.Tensor:
-    """Training-split text of every demo domain (never the held-out text used for quality numbers)."""
+def calibration_tokens_by_domain(tokenizer_folder: Path, per_domain: int = CALIBRATION_TOKENS_PER_DOMAIN) -> dict[str, torch.Tensor]:
+    """Demo domain -> the first per_domain tokens of its training-split text (never the held-out text of quality numbers)."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    parts = []
+    parts = {}
     for domain in DOMAINS:
         ids = tokenizer(domain_text(domain, "train", max_chars=per_domain * 8), add_special_tokens=False)["input_ids"]
-        parts.append(torch.tensor(ids[:per_domain], dtype=torch.long))
-    return torch.cat(parts)
+        parts[domain] = torch.tensor(ids[:per_domain], dtype=torch.long)
+    return parts
+
+
+def calibration_tokens(tokenizer_folder: Path, per_domain: int = CALIBRATION_TOKENS_PER_DOMAIN) -> torch.Tensor:
+    """Training-split text of every demo domain, one after another."""
+    return torch.cat(list(calibration_tokens_by_domain(tokenizer_folder, per_domain).values()))
 
 
 def analyse_family(family: FamilySpec, calibration: torch.Tensor | None = None, progress: bool = True) -> FamilyAnalysis:

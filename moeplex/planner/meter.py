@@ -12,7 +12,8 @@ held-out text: the calibration text that chooses which experts to quantize is tr
 which a small model's perplexity can even drop when its experts are perturbed. Each variant is scored
 on the held-out text of the domain it was fine-tuned on (the manifest's `own_domain`, when that is a
 demo text domain), the others on every domain's: off its domain a small fine-tune is confidently
-wrong, and noise in its experts can lower its perplexity there. Beside perplexity, the KL divergence
+wrong, and noise in its experts can lower its perplexity there. The calibration text is chosen the same way
+(a variant's routing and errors are measured on the text it serves). Beside perplexity, the KL divergence
 from the all-bf16 model's predictions on the same text grows with how far quantization moves the
 model, even where perplexity cannot resolve it.
 """
@@ -30,7 +31,7 @@ import torch
 from transformers import AutoTokenizer
 
 from moeplex.bench.measure import timed
-from moeplex.consolidate.analysis import calibration_tokens
+from moeplex.consolidate.analysis import calibration_tokens_by_domain
 from moeplex.demo.corpora import DOMAINS
 from moeplex.eval.domains import heldout_token_ids
 from moeplex.eval.perplexity import runtime_logits, window_log_probs, windowed_ppl_and_kl
@@ -50,6 +51,8 @@ from moeplex.store.layout import MANIFEST, TOKENIZER
 from moeplex.store.reader import StoreReader
 
 MEASURE_DTYPE = torch.bfloat16
+# Which text each variant is calibrated on; in the cache context, so measurements calibrated otherwise are not reused
+CALIBRATION_TEXT = "own domain, else every domain"
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class StoreMeter:
         manifest = hashlib.sha256((self.store / MANIFEST).read_bytes()).hexdigest()
         return {"manifest_sha256": manifest, "torch": torch.__version__,
                 "int4_kernel": int4_kernel_name(self.settings.group_size),  # timings differ by kernel and path
+                "calibration_text": CALIBRATION_TEXT,
                 **dataclasses.asdict(self.settings)}
 
     def bytes_per_expert(self) -> dict[str, int]:
@@ -111,27 +115,32 @@ class StoreMeter:
     def backbone_bytes(self) -> int:
         return sum(model.backbone.nbytes for model in self.models.values())
 
-    def calibration_token_ids(self) -> torch.Tensor:
-        return calibration_tokens(self.tokenizer_folder, self.settings.calibration_tokens_per_domain)
+    def calibration_texts(self) -> dict[str, torch.Tensor]:
+        """Variant -> training-split token ids: its own domain's, else every demo domain's (as `heldout_texts`)."""
+        return self._per_variant(calibration_tokens_by_domain(self.tokenizer_folder, self.settings.calibration_tokens_per_domain))
 
     def heldout_texts(self) -> dict[str, torch.Tensor]:
         """Variant -> held-out token ids (no model was trained on them): its own domain's, else every demo domain's."""
         tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_folder)
         per_domain = self.settings.heldout_tokens_per_domain
-        by_domain = {domain: heldout_token_ids(tokenizer, domain, per_domain) for domain in DOMAINS}
+        return self._per_variant({domain: heldout_token_ids(tokenizer, domain, per_domain) for domain in DOMAINS})
+
+    def _per_variant(self, by_domain: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each variant's text: the manifest's own domain's, when that is one of by_domain, else all of them in turn."""
         every_domain = torch.cat(list(by_domain.values()))
         own = self.manifest.own_domain
         return {variant: by_domain.get(own.get(variant), every_domain) for variant in self.models}
 
-    def calibrate(self, token_ids: torch.Tensor) -> BankCalibration:
-        """Routing frequency and int4/int8 error per expert id on calibration tokens (the error as `selection_error` says)."""
+    def calibrate(self, texts: Mapping[str, torch.Tensor]) -> BankCalibration:
+        """Routing frequency and int4/int8 error per expert id on each variant's calibration text (the error as
+        `selection_error` says); texts as `calibration_texts` gives them."""
         self.use({})
         at_expert = self.settings.selection_error == "expert"
-        calibration = calibrate_bank(self.models, self.tables, self.bank, token_ids, self.settings.group_size,
+        calibration = calibrate_bank(self.models, self.tables, self.bank, texts, self.settings.group_size,
                                      progress=True, expert_errors=at_expert)
         if at_expert:
             return calibration
-        return BankCalibration(calibration.frequency, model_output_errors(self, token_ids, calibration.frequency))
+        return BankCalibration(calibration.frequency, model_output_errors(self, texts, calibration.frequency))
 
     def use(self, precision_of_id: Mapping[str, str], expert_budget: int | None = None) -> None:
         """Quantize the bank as precision_of_id says; with expert_budget (bytes), time offloaded experts in those precisions."""

@@ -4,7 +4,7 @@ The expert-local error (`moeplex.quant.output_error`: ||E_q(x) - E(x)|| / ||E(x)
 the expert) does not see how large the expert's output is beside the residual stream, its gate weights or
 how later layers carry the change; on the tiny family, ranking by it times routing frequency left the KL at
 75% int4 only 12-20% below a random choice's (docs/benchmarks.md). Here each id is quantized on its own and every
-variant that uses it scores the calibration text against its own all-bf16 predictions: one forward pass
+variant that uses it scores its calibration text against its own all-bf16 predictions: one forward pass
 over the calibration text per id, precision and variant that uses the id.
 """
 
@@ -33,15 +33,14 @@ def variants_using(tables: Mapping[str, ExpertTable]) -> dict[str, list[str]]:
 
 
 def model_output_errors(
-    meter: StoreMeter, token_ids: torch.Tensor, frequency: Mapping[str, float], precisions: tuple[str, ...] = QUANTIZED
+    meter: StoreMeter, texts: Mapping[str, torch.Tensor], frequency: Mapping[str, float], precisions: tuple[str, ...] = QUANTIZED
 ) -> dict[str, dict[str, float]]:
-    """Expert id -> precision -> the KL from all bf16 (per calibration token, mean over variants) with only that id
-    quantized, per unit of the id's routing frequency.
+    """Expert id -> precision -> the KL from all bf16 (per calibration token of texts[variant], mean over variants)
+    with only that id quantized, per unit of the id's routing frequency.
 
     Divided by frequency so that least-error-first's cost, error x frequency, is that KL. An id that no
     calibration token reached changes nothing and gets 0.
     """
-    texts = {variant: token_ids for variant in meter.models}
     users = variants_using(meter.tables)
     errors: dict[str, dict[str, float]] = {}
     for expert_id in tqdm(meter.expert_ids, desc="quantization error at the output", unit="expert"):

@@ -33,7 +33,7 @@ class Profiler:
 
     def __init__(self, meter: StoreMeter, cache: MeasurementCache | None = None, expert_budget: int | None = None):
         self.meter, self.cache, self.expert_budget = meter, cache, expert_budget
-        self.calibration_ids = meter.calibration_token_ids()
+        self.calibration_texts = meter.calibration_texts()
         self.heldout = meter.heldout_texts()
         self.calibration = self._calibration()
         self.policy = LeastErrorFirst(self.calibration.errors, self.calibration.frequency)
@@ -133,7 +133,7 @@ class Profiler:
     def _calibration(self) -> BankCalibration:
         if self.cache and self.cache.calibration is not None:
             return BankCalibration.from_json(self.cache.calibration)
-        calibration = self.meter.calibrate(self.calibration_ids)
+        calibration = self.meter.calibrate(self.calibration_texts)
         if self.cache:
             self.cache.set_calibration(calibration.to_json())
         return calibration

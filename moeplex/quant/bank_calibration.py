@@ -8,6 +8,7 @@ calibration inputs that reached it from any variant.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -37,13 +38,14 @@ def calibrate_bank(
     models: dict[str, MoEModel],
     tables: dict[str, ExpertTable],
     bank: ExpertBank,
-    token_ids: torch.Tensor,
+    texts: Mapping[str, torch.Tensor],
     group_size: int = DEFAULT_GROUP_SIZE,
     cap: int = 128,
     progress: bool = False,
     expert_errors: bool = True,
 ) -> BankCalibration:
-    """Record what reaches each expert of each variant on calibration tokens, then measure int4/int8 error per id.
+    """Record what reaches each expert of each variant on its calibration tokens (texts[variant]), then measure
+    int4/int8 error per id.
 
     The bank must still hold its dense experts; models are the variants' models over it. With expert_errors
     False only the frequencies are measured (errors left empty), for a caller that measures errors its own way.
@@ -51,7 +53,7 @@ def calibrate_bank(
     samples: dict[str, list[torch.Tensor]] = {expert_id: [] for expert_id in bank.row_of}
     frequency = dict.fromkeys(bank.row_of, 0.0)
     for variant, model in models.items():
-        recorded = record_expert_inputs(model, token_ids, cap)
+        recorded = record_expert_inputs(model, texts[variant], cap)
         for (layer, expert), x in recorded.inputs.items():
             expert_id = tables[variant][layer][expert]
             samples[expert_id].append(x)
