@@ -27,7 +27,6 @@ class RoutingRecorder:
         self.inner, self.table = inner, table
         self.first_sparse = next(layer for layer, keys in enumerate(table) if keys is not None)
         self.steps: list[list[tuple[Hashable, ...]]] = []
-        self.decode_steps = 0
         self.decode_expert_seconds = 0.0
         self.decode_expert_calls = 0
         self._timed: list[bool] = []
@@ -39,7 +38,6 @@ class RoutingRecorder:
             self.steps.append([])
             self._timed.append(decode)
             self._request.append((self._request[-1] if self._request else -1) + (not decode))
-            self.decode_steps += decode
         experts = sorted(set(expert_ids.flatten().tolist()))
         self.steps[-1].append(tuple(self.table[layer][expert] for expert in experts))
         started = time.perf_counter()
@@ -50,6 +48,10 @@ class RoutingRecorder:
             self.decode_expert_seconds += time.perf_counter() - started
             self.decode_expert_calls += len(experts)
         return out
+
+    @property
+    def decode_steps(self) -> int:
+        return sum(self._timed)
 
     def timed(self, skip_steps: int = 0) -> list[bool]:
         """Which recorded steps are decode steps, the first `skip_steps` steps counted as untimed (warm-up)."""
@@ -86,7 +88,7 @@ def prediction_ceiling(recorder: RoutingRecorder, costs: ReplayCosts, budget: in
     lru = replay(recorder.steps, timed, budget, nbytes, costs)
     lru_rate = recorder.median_tokens_per_s(lru, skip_steps)
     result = {"costs": vars(costs).copy(), "lru": lru_rate, "lru_misses_per_token": lru.misses_per_step, "oracle": {}}
-    for window in windows:
+    for window in dict.fromkeys(windows):  # once each: the benchmark's window may equal 0 or the layer count
         oracle = replay(recorder.steps, timed, budget, nbytes, costs, oracle_window=window)
         rate = recorder.median_tokens_per_s(oracle, skip_steps)
         result["oracle"][f"window_{window}"] = {

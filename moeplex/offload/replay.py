@@ -96,7 +96,7 @@ def replay(
                         cache.read(key, now, protected, position + offset)
                         step_misses += 1
                 if index == 0 and future is not None and oracle_window:
-                    cache.prefetch_window(future, layer_end, step, layer, oracle_window, len(layers), protected, now)
+                    cache.prefetch_window(layer_end, step, layer, oracle_window, len(layers), protected, now)
                 for key in chunk:
                     cache.touch(key, position)
                     now = max(now, cache.ready_time(key)) + costs.expert_seconds
@@ -135,8 +135,9 @@ class _TimedCache:
             self._evict(victim)
         self._start(key, now)
 
-    def prefetch_window(self, future: _FutureUses, start: int, step: int, layer: int, window: int, num_layers: int, protected: set, now: float) -> None:
+    def prefetch_window(self, start: int, step: int, layer: int, window: int, num_layers: int, protected: set, now: float) -> None:
         """Queue the reads of the uses from `start` through the next `window` layers, evicting only keys needed later."""
+        future = self.future
         horizon = step * num_layers + layer + window
         for index in range(start, len(future.flat)):
             use_step, use_layer, key = future.flat[index]
